@@ -1,0 +1,30 @@
+import json
+
+from .. import data, models
+from ..errors import SlimlmError
+from ..evaluate import perplexity
+
+HELP = "Measure token perplexity (SparseGPT/Wanda protocol) of a model on a text."
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help=".txt, .jsonl with a 'text' field, or dataset name")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the result with its protocol to this file")
+
+
+def run(args):
+    loaded = models.load(args.model, args.dtype, args.device)
+    if loaded.kind != "causal-lm":
+        raise SlimlmError(f"model '{args.model}' is a {loaded.kind} model; perplexity needs a causal language model")
+    stream = data.load_tokens(loaded.tokenizer, args.data)
+    result = {"model": args.model, **perplexity(loaded.model, stream, args.seqlen, args.max_windows, args.batch_size)}
+    print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {args.seqlen} tokens of {args.data})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)

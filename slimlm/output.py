@@ -1,0 +1,106 @@
+"""The output folder contract shared by every command that writes a model.
+
+HF layout (safetensors + tokenizer), resolved settings as YAML, report.json, model card README.md.
+Everything is written to a hidden temporary folder next to the destination, the model is reloaded
+from there and checked (same outputs, still valid N:M), and only then is the folder renamed into
+place: a failed run leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from .errors import SlimlmError
+from .models import LoadedModel, load, weight_matrix
+from .sparsity import Sparsity, is_valid_nm
+
+
+def check_output_dir(output: str, overwrite: bool) -> Path:
+    """Fail early (before any work) when the destination exists and --overwrite was not given."""
+    path = Path(output).expanduser()
+    if path.exists() and not overwrite:
+        raise SlimlmError(f"output folder {output} already exists: choose another or pass --overwrite")
+    if not path.parent.exists():
+        raise SlimlmError(f"parent folder of {output} does not exist")
+    return path
+
+
+def versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"slimlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+@torch.no_grad()
+def _outputs(model, probe: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=probe)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+
+
+def _verify(original: LoadedModel, folder: Path, probe: torch.Tensor, target_names: list[str],
+            sparsity: Sparsity | None) -> dict:
+    reloaded = load(str(folder), dtype=str(next(original.model.parameters()).dtype).replace("torch.", ""))
+    device = next(original.model.parameters()).device
+    reloaded.model.to(device)
+    diff = (_outputs(original.model, probe) - _outputs(reloaded.model, probe)).abs().max().item()
+    if diff > 1e-5:
+        raise SlimlmError(f"reload check failed: outputs of the saved model differ by {diff:.3g}")
+    if sparsity is not None and sparsity.is_nm:
+        modules = dict(reloaded.model.named_modules())
+        for name in target_names:
+            if not is_valid_nm(weight_matrix(modules[name]), sparsity.n, sparsity.m):
+                raise SlimlmError(f"reload check failed: layer {name} is not valid {sparsity} after reload")
+    return {"max_abs_output_diff": diff, "nm_valid": sparsity is not None and sparsity.is_nm}
+
+
+def publish(loaded: LoadedModel, output: Path, overwrite: bool, settings: dict, report: dict, card: str,
+            target_names: list[str], sparsity: Sparsity | None, probe: torch.Tensor) -> None:
+    """Save, verify by reloading, then move into place. `report` gains the verification result."""
+    output = Path(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        report["reload_check"] = _verify(loaded, tmp, probe, target_names, sparsity)
+        (tmp / "slimlm.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "README.md").write_text(card)
+        if output.exists():
+            if not overwrite:
+                raise SlimlmError(f"output folder {output} already exists: pass --overwrite")
+            old = output.with_name(f".{output.name}.old")
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def model_card(title: str, base_model: str, summary: list[str], results: dict[str, float] | None,
+               how_to_load: str, tags: list[str]) -> str:
+    """A short model card with Hub-style front matter."""
+    lines = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in tags]
+    if "/" in base_model and not Path(base_model).exists():
+        lines.append(f"base_model: {base_model}")
+    lines += ["---", "", f"# {title}", "", *summary, ""]
+    if results:
+        lines += ["| evaluation | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+        lines.append("")
+    lines += ["## How to load", "", "```python", how_to_load.strip(), "```", "",
+              "Made with [slimlm](https://pypi.org/project/slimlm/); `report.json` holds every setting and "
+              "measurement, `slimlm.yaml` the resolved settings.", ""]
+    return "\n".join(lines)
+

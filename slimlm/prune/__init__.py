@@ -1,0 +1,47 @@
+"""One-shot pruning: magnitude, Wanda and SparseGPT, all in place on the model's target layers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SlimlmError
+from ..models import weight_matrix
+from ..sparsity import Sparsity
+from .blockwise import InputStats, prune_blockwise
+from .scores import magnitude_mask, wanda_mask
+from .sparsegpt import sparsegpt_prune
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@torch.no_grad()
+def prune(model: nn.Module, targets: dict[str, nn.Module], method: str, sparsity: Sparsity,
+          windows: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01) -> None:
+    """Prune the target layers of `model` in place. Wanda and SparseGPT need calibration windows."""
+    if method not in METHODS:
+        raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    if method == "magnitude":
+        for name, module in tqdm(targets.items(), desc="magnitude pruning", unit="layer"):
+            W = weight_matrix(module)
+            W.mul_(magnitude_mask(W, sparsity))
+        return
+    if windows is None:
+        raise SlimlmError(f"--method {method} needs calibration data (--calib)")
+
+    def prune_wanda(name: str, module: nn.Module, stats: InputStats) -> None:
+        W = weight_matrix(module)
+        W.mul_(wanda_mask(W, stats.sq_norms, sparsity))
+
+    def prune_sparsegpt(name: str, module: nn.Module, stats: InputStats) -> None:
+        W = weight_matrix(module)
+        try:
+            W.copy_(sparsegpt_prune(W, stats.hessian, sparsity, blocksize, percdamp))
+        except torch.linalg.LinAlgError:
+            raise SlimlmError(f"SparseGPT: the Hessian of '{name}' is not positive definite even after "
+                              f"dampening by {percdamp}: raise --percdamp or use more calibration data") from None
+
+    if method == "wanda":
+        prune_blockwise(model, targets, windows, prune_wanda, hessian=False)
+    else:
+        prune_blockwise(model, targets, windows, prune_sparsegpt, hessian=True)
