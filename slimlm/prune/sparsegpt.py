@@ -31,7 +31,7 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percda
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity,
                     blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
     """Return the pruned weight (same shape and dtype as `weight`); the input is not modified."""
-    W = weight.detach().float().clone()
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     rows, cols = W.shape
     Hinv = inverse_hessian_cholesky(hessian.float(), W, percdamp)
     n_prune = sparsity.m - sparsity.n if sparsity.is_nm else 0
