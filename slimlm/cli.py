@@ -6,7 +6,7 @@ import sys
 
 from .errors import SlimlmError
 
-COMMANDS = ("prune", "eval", "inspect", "demo")
+COMMANDS = ("prune", "train", "eval", "inspect", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,6 +110,10 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
         raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
     if gguf_file:
         model = _plain_copy(model)
+    if Path(location).is_dir():
+        from . import slorb  # SLoRB side paths saved by `slimlm train` next to the checkpoint
+
+        slorb.load_into(model, Path(location))
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, kind=kind)
 

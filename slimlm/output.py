@@ -63,13 +63,18 @@ def _verify(original: LoadedModel, folder: Path, probe: torch.Tensor, target_nam
 
 
 def publish(loaded: LoadedModel, output: Path, overwrite: bool, settings: dict, report: dict, card: str,
-            target_names: list[str], sparsity: Sparsity | None, probe: torch.Tensor) -> None:
-    """Save, verify by reloading, then move into place. `report` gains the verification result."""
+            target_names: list[str], sparsity: Sparsity | None, probe: torch.Tensor, extra_save=None) -> None:
+    """Save, verify by reloading, then move into place. `report` gains the verification result.
+    `extra_save(folder)` writes what the model needs beside its checkpoint (e.g. SLoRB tensors)."""
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        # SLoRB side paths are saved by their owner (extra_save), never inside the stock checkpoint
+        state = {k: v for k, v in loaded.model.state_dict().items() if ".slorb." not in k}
+        loaded.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
+        if extra_save is not None:
+            extra_save(tmp)
         report["reload_check"] = _verify(loaded, tmp, probe, target_names, sparsity)
         (tmp / "slimlm.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))

@@ -1,0 +1,21 @@
+from .. import recipe as recipes
+from ..train import job
+
+HELP = "Retrain a model sparse (AST, naive, GMP) from a YAML recipe with key=value overrides."
+
+
+def add_arguments(p):
+    p.add_argument("--recipe", required=True, help=f"YAML file or built-in: {', '.join(recipes.builtin_names())}")
+    p.add_argument("overrides", nargs="*", help="recipe overrides like train.steps=200 method.sparsity=4:8")
+    p.add_argument("--seed", type=int, help="overrides the recipe's seed")
+    p.add_argument("--resume", help="continue from OUTPUT.checkpoints/checkpoint-N")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run(args):
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    recipe = recipes.resolve(args.recipe, overrides)
+    report = job.run(recipe, args.output, args.overwrite, args.resume)
+    print(f"trained {report['steps']} steps ({report['tokens_seen']:,} tokens), "
+          f"best validation perplexity {report['best_val_ppl']}, -> {args.output}")

@@ -1,0 +1,78 @@
+"""Dense master weights with a masked forward: W~ = mask * W, as a torch parametrization.
+
+The mask is a boolean buffer in the weight's *stored* orientation (GPT-2's Conv1D stores (in, out));
+masks are always computed on the (out, in) view so that N:M groups run along the input dimension.
+With `ste=True` the backward pass is straight-through (the gradient of W~ reaches every entry of W,
+so pruned weights keep learning and can come back: AST); with `ste=False` pruned entries get no
+gradient (fixed-mask fine-tuning, gradual magnitude pruning).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .sparsity import nm_mask
+
+
+class _MaskSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, mask):
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class MaskedWeight(nn.Module):
+    def __init__(self, mask: torch.Tensor, ste: bool):
+        super().__init__()
+        self.register_buffer("mask", mask.bool())
+        self.ste = ste
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.ste:
+            return _MaskSTE.apply(weight, self.mask)
+        return weight * self.mask
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as (in, out)."""
+    return not isinstance(module, nn.Linear)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The trainable dense weight, in stored orientation, with or without a mask attached."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.t() if is_transposed(module) else tensor
+
+
+def magnitude_nm_mask(module: nn.Module, n: int, m: int, keep_per_group: int | None = None) -> torch.Tensor:
+    """Magnitude N:M mask of the module's current dense weight, in stored orientation.
+    `keep_per_group` overrides n (gradual pruning passes through 4:4, 3:4, 2:4)."""
+    W = as_out_in(module, dense_weight(module).detach())
+    mask = nm_mask(W.abs(), keep_per_group if keep_per_group is not None else n, m)
+    return as_out_in(module, mask)
+
+
+def attach_mask(module: nn.Module, mask: torch.Tensor, ste: bool) -> None:
+    parametrize.register_parametrization(module, "weight", MaskedWeight(mask, ste), unsafe=True)
+
+
+def get_mask(module: nn.Module) -> torch.Tensor:
+    return module.parametrizations.weight[0].mask
+
+
+def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    get_mask(module).copy_(mask)
+
+
+def bake_mask(module: nn.Module) -> None:
+    """Replace the parametrization by the plain weight mask * W, with exact zeros."""
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

@@ -1,0 +1,167 @@
+"""YAML recipes: built-in names or files, `key.sub=value` overrides, validation against DEFAULTS.
+
+Every key a recipe may set appears in DEFAULTS with its default value; the default's type is the
+key's type (None means "text or null"). Unknown keys and wrong types are errors that name the key.
+"""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import SlimlmError
+
+DEFAULTS = {
+    "model": "smollm2-135m",
+    "seed": 0,
+    "data": {"train": None, "valid": None, "seqlen": 256, "eval_windows": 16},
+    "train": {
+        "steps": 100, "batch_size": 4, "grad_accum": 1, "lr": 2e-4, "min_lr_ratio": 0.1, "warmup_steps": 10,
+        "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0, "bf16": False,
+        "grad_checkpointing": False, "eval_every": 50, "save_every": 50, "keep_checkpoints": 2,
+        "log_every": 1, "tensorboard": False, "device": "cpu",
+    },
+    "method": {
+        "name": "ast",
+        "sparsity": "2:4",
+        "init": "magnitude",          # dense weights + magnitude mask, or a one-shot mask: wanda | sparsegpt
+        "calib": None, "nsamples": 32,  # calibration for init: wanda | sparsegpt
+        "include": None, "ignore": None,
+        "mask_update": "adaptive",    # adaptive (AST) | fixed (naive) | gradual (GMP)
+        "mask_interval": 10,          # AST's delta-t: optimizer steps between mask refreshes
+        "ste": True,                  # straight-through gradient to pruned weights
+        "gradual_fraction": 0.5,      # GMP: fraction of training over which sparsity ramps up (cubic)
+        "decay": {"mode": "second-moment", "lambda_max": 1e-4, "ramp_fraction": 0.25},
+        "distill": {"enabled": True, "alpha": 0.67, "temperature": 2.0, "kl": "forward", "teacher_dtype": "float32"},
+        "slorb": {"enabled": False, "group_size": 16, "init": "mean", "train_x": False},
+    },
+}
+
+CHOICES = {
+    "method.name": ("ast", "naive", "gmp"),
+    "method.init": ("magnitude", "wanda", "sparsegpt"),
+    "method.mask_update": ("adaptive", "fixed", "gradual"),
+    "method.decay.mode": ("second-moment", "gradient", "none"),
+    "method.distill.kl": ("forward", "reverse"),
+    "method.distill.teacher_dtype": ("float32", "bfloat16"),
+    "method.slorb.init": ("mean", "random"),
+}
+
+# keys that may differ between a run and its resume (they do not change the trajectory)
+RESUME_FREE = {"train.steps", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+               "train.log_every", "train.tensorboard", "data.eval_windows", "data.valid"}
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("slimlm.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_recipe(spec: str) -> dict:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        text = path.read_text()
+    elif spec in builtin_names():
+        text = (resources.files("slimlm.recipes") / f"{spec}.yaml").read_text()
+    else:
+        raise SlimlmError(f"recipe '{spec}' not found: give a YAML file or one of {', '.join(builtin_names())}")
+    try:
+        recipe = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise SlimlmError(f"recipe '{spec}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise SlimlmError(f"recipe '{spec}' must be a mapping of keys to values")
+    return recipe
+
+
+def _check(value, default, key: str):
+    """Return value converted to the default's type, or raise naming the key."""
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise SlimlmError(f"recipe key '{key}' must be a section (a mapping), got {value!r}")
+        return value
+    if default is None or isinstance(default, str):
+        if value is None or isinstance(value, str):
+            ok = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            ok = value  # include/ignore take lists of regexes
+        else:
+            raise SlimlmError(f"recipe key '{key}' must be text, got {value!r}")
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SlimlmError(f"recipe key '{key}' must be true or false, got {value!r}")
+        ok = value
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SlimlmError(f"recipe key '{key}' must be an integer, got {value!r}")
+        ok = value
+    elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SlimlmError(f"recipe key '{key}' must be a number, got {value!r}")
+        ok = float(value)
+    elif isinstance(default, list):
+        if not isinstance(value, list) or len(value) != len(default):
+            raise SlimlmError(f"recipe key '{key}' must be a list of {len(default)} numbers, got {value!r}")
+        ok = [float(v) for v in value]
+    else:
+        ok = value
+    if key in CHOICES and ok not in CHOICES[key]:
+        raise SlimlmError(f"recipe key '{key}' must be one of {', '.join(CHOICES[key])}, got {ok!r}")
+    return ok
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+    for key, value in update.items():
+        full = f"{prefix}{key}"
+        if key not in base:
+            raise SlimlmError(f"unknown recipe key '{full}'")
+        value = _check(value, base[key], full)
+        base[key] = _merge(base[key], value, full + ".") if isinstance(base[key], dict) else value
+    return base
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise SlimlmError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    node, parts = DEFAULTS, key.split(".")
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            raise SlimlmError(f"unknown recipe key '{key}'")
+        node = node[part]
+    # text keys keep the raw string (YAML would read 2:4 as a base-60 integer)
+    value = raw if (node is None or isinstance(node, str)) and not raw.startswith("[") else yaml.safe_load(raw)
+    if raw in ("null", "~"):
+        value = None
+    nested = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    return nested
+
+
+def resolve(spec: str, overrides: list[str] | None = None) -> dict:
+    recipe = _merge(copy.deepcopy(DEFAULTS), read_recipe(spec))
+    for item in overrides or []:
+        recipe = _merge(recipe, _parse_override(item))
+    return recipe
+
+
+def flatten(recipe: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in recipe.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    fa, fb = flatten(a), flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in RESUME_FREE)

@@ -1,0 +1,1 @@
+"""Built-in training recipes (YAML files read with importlib.resources)."""

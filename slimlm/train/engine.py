@@ -1,0 +1,212 @@
+"""One training engine for every method: token windows, AdamW, warmup + cosine, accumulation,
+clipping, bf16 autocast, gradient checkpointing, evaluation, checkpoints, resume, logging.
+
+The engine knows nothing about masks or teachers. Methods plug in through `Hooks`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, load_model, save_file, save_model
+from tqdm.auto import tqdm
+
+from .. import recipe as recipes
+from ..data import TokenStream, eval_windows
+from ..errors import SlimlmError
+from ..evaluate import perplexity
+from .optim import AdamW
+from .schedules import warmup_cosine
+
+
+class Hooks:
+    """The points where a method changes training. Every hook is optional."""
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Change the model (masks, extra parameters) before the optimizer is built."""
+
+    def configure_optimizer(self, optimizer: AdamW) -> None:
+        """Register per-parameter optimizer terms (e.g. AST's decay)."""
+
+    def before_forward(self, step: int) -> None:
+        """Called once per optimizer step, before its first micro-batch."""
+
+    def loss(self, model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Training loss of one micro-batch and the numbers to log. Default: next-token cross-entropy."""
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        ce = causal_lm_loss(logits, input_ids)
+        return ce, {"ce": ce.item()}
+
+    def after_backward(self, step: int) -> None:
+        """Gradients of the whole step are accumulated, not yet clipped."""
+
+    def after_step(self, step: int) -> dict:
+        """After the optimizer step; `step` optimizer steps are done. Returns numbers to log."""
+        return {}
+
+    def export(self, model) -> dict:
+        """Turn the trained model into what is published; returns extras for the report."""
+        return {}
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+class Trainer:
+    def __init__(self, model, hooks: Hooks, recipe: dict, train: TokenStream, valid: TokenStream | None,
+                 run_dir: Path):
+        self.model, self.hooks, self.recipe = model, hooks, recipe
+        self.cfg = recipe["train"]
+        self.seqlen = recipe["data"]["seqlen"]
+        self.windows = eval_windows(train, self.seqlen)  # packed, non-overlapping
+        if len(self.windows) < self.cfg["batch_size"]:
+            raise SlimlmError(f"training data '{train.source}' has {len(self.windows)} windows of {self.seqlen} "
+                              f"tokens, fewer than one batch of {self.cfg['batch_size']}")
+        self.valid = valid
+        self.run_dir = Path(run_dir)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict] = []
+        self.device = next(model.parameters()).device
+        torch.manual_seed(recipe["seed"])
+        hooks.setup(self)
+        if self.cfg["grad_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg["lr"],
+                               betas=self.cfg["betas"], eps=self.cfg["eps"], weight_decay=self.cfg["weight_decay"])
+        hooks.configure_optimizer(self.optimizer)
+        self.writer = self._tensorboard() if self.cfg["tensorboard"] else None
+
+    # -- data: batch i is a pure function of (seed, i), so resuming needs only the step ------------
+    def batch(self, index: int) -> torch.Tensor:
+        bs, n = self.cfg["batch_size"], len(self.windows)
+        ids = []
+        for j in range(index * bs, (index + 1) * bs):
+            epoch, pos = divmod(j, n)
+            g = torch.Generator().manual_seed(self.recipe["seed"] * 1_000_003 + epoch)
+            ids.append(int(torch.randperm(n, generator=g)[pos]))
+        return self.windows[ids].to(self.device)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        cfg, total = self.cfg, self.cfg["steps"]
+        self.model.train()
+        tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * self.seqlen
+        bar = tqdm(total=total, initial=self.step, desc="training", unit="step")
+        while self.step < total:
+            start = time.perf_counter()
+            lr = cfg["lr"] * warmup_cosine(self.step, total, cfg["warmup_steps"], cfg["min_lr_ratio"])
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.hooks.before_forward(self.step)
+            sums: dict[str, float] = {}
+            for micro in range(cfg["grad_accum"]):
+                ids = self.batch(self.step * cfg["grad_accum"] + micro)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
+                    loss, parts = self.hooks.loss(self.model, ids)
+                if not math.isfinite(loss.item()):
+                    raise SlimlmError(f"loss diverged ({loss.item()}) at step {self.step + 1}; the last good "
+                                      f"checkpoint is {self.last_checkpoint() or 'none'}: lower train.lr or "
+                                      "raise train.warmup_steps and resume from it")
+                (loss / cfg["grad_accum"]).backward()
+                for k, v in {"loss": loss.item(), **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg["grad_accum"]
+            self.hooks.after_backward(self.step)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"] or float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            seconds = time.perf_counter() - start
+            record = {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": self.tokens_seen, "tokens_per_s": tokens_per_step / seconds,
+                      **self.hooks.after_step(self.step)}
+            if self.valid is not None and (self.step % cfg["eval_every"] == 0 or self.step == total):
+                record["val_ppl"] = self.evaluate()
+            self.log(record)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self.step % cfg["save_every"] == 0 and self.step < total:
+                self.save_checkpoint()
+        bar.close()
+        if self.writer:
+            self.writer.close()
+        return self.history
+
+    def evaluate(self) -> float:
+        result = perplexity(self.model, self.valid, self.seqlen, max_windows=self.recipe["data"]["eval_windows"])
+        self.model.train()
+        return result["perplexity"]
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.step % self.cfg["log_every"] == 0 or "val_ppl" in record:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.writer.add_scalar(k, v, self.step)
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SlimlmError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def last_checkpoint(self) -> str | None:
+        found = sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        return str(found[-1]) if found else None
+
+    def save_checkpoint(self) -> Path:
+        final = self.run_dir / f"checkpoint-{self.step}"
+        tmp = self.run_dir / f".checkpoint-{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(self.model, str(tmp / "model.safetensors"))
+        tensors = {"rng.torch": torch.get_rng_state()}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{key}"] = value.contiguous()
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "recipe": self.recipe}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        kept = sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in kept[: -self.cfg["keep_checkpoints"]]:
+            shutil.rmtree(old)
+        return final
+
+    def load_checkpoint(self, folder: str) -> None:
+        path = Path(folder)
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise SlimlmError(f"{folder} is not a slimlm checkpoint (no trainer_state.json)")
+        state = json.loads(state_file.read_text())
+        diff = recipes.differences(state["recipe"], self.recipe)
+        if diff:
+            raise SlimlmError(f"checkpoint {folder} was made with a different recipe ({', '.join(diff)} differ): "
+                              "resume with the recipe and overrides of the original run")
+        missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise SlimlmError(f"checkpoint {folder} does not match the model: "
+                              f"{(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
+        tensors = load_file(str(path / "trainer.safetensors"))
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+            if entries:
+                self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]

@@ -1,0 +1,132 @@
+"""N:M sparse training as engine hooks: AST and its baselines (naive fixed mask, gradual magnitude).
+
+- masks: dense master weights, masked forward (masked.py); AST refreshes the magnitude N:M mask
+  every `mask_interval` steps and logs the fraction of entries that flip.
+- decay: lambda(t) * (~mask * W), ramped linearly over `ramp_fraction` of training, through the
+  optimizer (in Adam's second moment, or added to the gradient).
+- distillation from the frozen dense teacher; SLoRB side paths.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import masked, models, slorb
+from ..data import calibration_windows, load_tokens
+from ..prune import prune
+from ..errors import SlimlmError
+from ..sparsity import nm_mask, parse_sparsity
+from .distill import kd_loss
+from .engine import Hooks, causal_lm_loss
+from .schedules import cubic, linear_ramp
+
+
+class SparseTraining(Hooks):
+    def __init__(self, recipe: dict, tokenizer):
+        self.recipe, self.cfg = recipe, recipe["method"]
+        self.sparsity = parse_sparsity(self.cfg["sparsity"])
+        if not self.sparsity.is_nm:
+            raise SlimlmError(f"method.sparsity must be N:M for sparse training, got '{self.cfg['sparsity']}'")
+        self.tokenizer = tokenizer
+        self.total_steps = recipe["train"]["steps"]
+        self.lam = 0.0
+        self.teacher = None
+        self.targets: dict = {}
+        self.slorbs: dict = {}
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self, trainer) -> None:
+        model, cfg, sp = trainer.model, self.cfg, self.sparsity
+        targets = models.find_targets(model, cfg["include"], cfg["ignore"])
+        self.targets, _ = models.target_layers(model, targets, sp.m, skip_indivisible=False)
+        if cfg["distill"]["enabled"]:
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["distill"]["teacher_dtype"]]
+            self.teacher = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        if cfg["init"] in ("wanda", "sparsegpt"):  # one-shot mask (SparseGPT also updates kept weights)
+            calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"])
+            windows = calibration_windows(calib, cfg["nsamples"], self.recipe["data"]["seqlen"], self.recipe["seed"])
+            prune(model, self.targets, cfg["init"], sp, windows)
+        for name, module in self.targets.items():
+            keep = sp.m if cfg["mask_update"] == "gradual" else sp.n
+            mask = masked.magnitude_nm_mask(module, sp.n, sp.m, keep_per_group=keep)
+            if cfg["slorb"]["enabled"]:
+                self._add_slorb(name, module, mask)
+            masked.attach_mask(module, mask, ste=cfg["ste"])
+
+    def _add_slorb(self, name, module, mask) -> None:
+        k = self.cfg["slorb"]["group_size"]
+        W = masked.as_out_in(module, module.weight.detach())
+        path = slorb.SLoRB(W.shape[0], W.shape[1], k, self.cfg["slorb"]["train_x"]).to(W.device, W.dtype)
+        if self.cfg["slorb"]["init"] == "mean":
+            path.S.data.copy_(slorb.mean_init(W, masked.as_out_in(module, mask), k))
+        else:
+            torch.nn.init.normal_(path.S, std=W.shape[1] ** -0.5)
+        slorb.attach(module, path)
+        self.slorbs[name] = path
+
+    def configure_optimizer(self, optimizer) -> None:
+        mode = self.cfg["decay"]["mode"]
+        if mode == "none":
+            return
+        for module in self.targets.values():
+            weight = masked.dense_weight(module)
+            mask = masked.get_mask(module)
+            optimizer.set_extra_term(weight, lambda w=weight, m=mask: self.lam * (w * ~m) if self.lam else None, mode)
+
+    # -- per step ----------------------------------------------------------------------------------
+    def before_forward(self, step: int) -> None:
+        d = self.cfg["decay"]
+        self.lam = linear_ramp(step, int(d["ramp_fraction"] * self.total_steps), d["lambda_max"])
+
+    def loss(self, model, input_ids):
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        ce = causal_lm_loss(logits, input_ids)
+        if self.teacher is None:
+            return ce, {"ce": ce.item()}
+        d = self.cfg["distill"]
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
+        kl = kd_loss(logits[:, :-1], teacher_logits[:, :-1], d["temperature"], d["kl"])
+        loss = d["alpha"] * kl + (1 - d["alpha"]) * ce
+        return loss, {"ce": ce.item(), "kl": kl.item()}
+
+    def after_step(self, step: int) -> dict:
+        cfg = self.cfg
+        record = {"lambda": self.lam}
+        if cfg["mask_update"] == "fixed" or step % cfg["mask_interval"]:
+            return record
+        sp = self.sparsity
+        if cfg["mask_update"] == "gradual":
+            # prune p of every M, p rising 0 -> M-N on a cubic schedule; masks from the *masked*
+            # weights, so that what was pruned stays pruned
+            ramp = int(cfg["gradual_fraction"] * self.total_steps)
+            pruned = round(cubic(step, self.total_steps, 0.0, sp.m - sp.n, 0, self.total_steps - ramp))
+            record["pruned_per_group"] = pruned
+        flips, total = 0, 0
+        for module in self.targets.values():
+            old = masked.get_mask(module)
+            if cfg["mask_update"] == "adaptive":
+                new = masked.magnitude_nm_mask(module, sp.n, sp.m)
+            else:
+                effective = masked.as_out_in(module, module.weight.detach())
+                new = masked.as_out_in(module, nm_mask(effective.abs(), sp.m - pruned, sp.m))
+            flips += int((new != old).sum())
+            total += old.numel()
+            masked.set_mask(module, new)
+        record["mask_flip_rate"] = flips / total
+        return record
+
+    # -- export ------------------------------------------------------------------------------------
+    def export(self, model) -> dict:
+        """Final mask = magnitude N:M mask of the final weights (adaptive), weights m * W with exact zeros."""
+        sp = self.sparsity
+        for module in self.targets.values():
+            if self.cfg["mask_update"] == "adaptive":
+                masked.set_mask(module, masked.magnitude_nm_mask(module, sp.n, sp.m))
+            elif self.cfg["mask_update"] == "gradual":
+                effective = masked.as_out_in(module, module.weight.detach())
+                masked.set_mask(module, masked.as_out_in(module, nm_mask(effective.abs(), sp.n, sp.m)))
+            masked.bake_mask(module)
+        return {"slorb_layers": len(self.slorbs),
+                "slorb_parameters": sum(p.numel() for s in self.slorbs.values() for p in s.parameters())}
