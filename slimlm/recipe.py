@@ -34,7 +34,7 @@ DEFAULTS = {
         "ste": True,                  # straight-through gradient to pruned weights
         "gradual_fraction": 0.5,      # GMP: fraction of training over which sparsity ramps up (cubic)
         "decay": {"mode": "second-moment", "lambda_max": 1e-4, "ramp_fraction": 0.25},
-        "distill": {"enabled": True, "alpha": 0.67, "temperature": 2.0, "kl": "forward", "teacher_dtype": "float32"},
+        "distill": {"enabled": True, "teacher": None, "alpha": 0.67, "temperature": 2.0, "kl": "forward", "teacher_dtype": "float32"},
         "slorb": {"enabled": False, "group_size": 16, "init": "mean", "train_x": False},
     },
 }
@@ -50,7 +50,7 @@ CHOICES = {
 }
 
 # keys that may differ between a run and its resume (they do not change the trajectory)
-RESUME_FREE = {"train.steps", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints",
                "train.log_every", "train.tensorboard", "data.eval_windows", "data.valid"}
 
 

@@ -94,12 +94,14 @@ class Trainer:
         return self.windows[ids].to(self.device)
 
     # -- the loop ----------------------------------------------------------------------------------
-    def train(self) -> list[dict]:
+    def train(self, until: int | None = None) -> list[dict]:
+        """Train to the recipe's last step (or stop early after step `until`, as an interruption would)."""
         cfg, total = self.cfg, self.cfg["steps"]
+        stop = min(total, until) if until else total
         self.model.train()
         tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * self.seqlen
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step")
-        while self.step < total:
+        while self.step < stop:
             start = time.perf_counter()
             lr = cfg["lr"] * warmup_cosine(self.step, total, cfg["warmup_steps"], cfg["min_lr_ratio"])
             for group in self.optimizer.param_groups:

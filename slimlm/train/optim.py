@@ -2,9 +2,12 @@
 
 AST (METHODS.md 2.2) pulls pruned weights to zero with a term d = lambda(t) * (~mask * W). Two ways:
 - "gradient": d is added to the gradient before a stock AdamW step (enters both moments);
-- "second-moment" (the paper's): m <- b1 m + (1-b1) g;  u = m + d;  v <- b2 v + (1-b2) u^2;
+- "second-moment" (the paper's): m <- b1 m + (1-b1) g;  u = m + d;  v <- b2 v + (1-b2) (g + d)^2;
   W <- W - lr * u_hat / (sqrt(v_hat) + eps), with u_hat, v_hat bias-corrected as Adam's moments.
   The decay stays out of the first moment's history but enters the step and the second moment.
+  (choice) METHODS.md writes v <- b2 v + (1-b2) u^2 with u = m + d; read literally, v would track m^2
+  instead of g^2 and the optimizer would stop being Adam even at lambda = 0. We square the
+  gradient plus the decay, so that lambda = 0 is exactly AdamW (tested against torch.optim.AdamW).
 Decoupled weight decay (wd * lr * W) is applied as in torch.optim.AdamW.
 """
 from __future__ import annotations
@@ -45,8 +48,11 @@ class AdamW(torch.optim.Optimizer):
                 t = state["step"].item()
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                u = m + extra if extra is not None and mode == "second-moment" else m
-                v.mul_(beta2).addcmul_(u, u, value=1 - beta2)
+                if extra is not None and mode == "second-moment":
+                    u, g2 = m + extra, grad + extra
+                else:
+                    u, g2 = m, grad
+                v.mul_(beta2).addcmul_(g2, g2, value=1 - beta2)
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])

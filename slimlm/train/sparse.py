@@ -41,8 +41,7 @@ class SparseTraining(Hooks):
         targets = models.find_targets(model, cfg["include"], cfg["ignore"])
         self.targets, _ = models.target_layers(model, targets, sp.m, skip_indivisible=False)
         if cfg["distill"]["enabled"]:
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["distill"]["teacher_dtype"]]
-            self.teacher = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+            self.teacher = self._teacher(model)
         if cfg["init"] in ("wanda", "sparsegpt"):  # one-shot mask (SparseGPT also updates kept weights)
             calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"])
             windows = calibration_windows(calib, cfg["nsamples"], self.recipe["data"]["seqlen"], self.recipe["seed"])
@@ -53,6 +52,21 @@ class SparseTraining(Hooks):
             if cfg["slorb"]["enabled"]:
                 self._add_slorb(name, module, mask)
             masked.attach_mask(module, mask, ste=cfg["ste"])
+
+    def _teacher(self, model):
+        """The frozen dense teacher: the starting model itself (default) or another model of the same vocabulary."""
+        d = self.cfg["distill"]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[d["teacher_dtype"]]
+        if d["teacher"] is None:
+            teacher = copy.deepcopy(model)
+        else:
+            teacher = models.load(d["teacher"], device=str(next(model.parameters()).device)).model
+            t_vocab, s_vocab = teacher.get_output_embeddings().out_features, model.get_output_embeddings().out_features
+            if t_vocab != s_vocab:
+                raise SlimlmError(f"teacher '{d['teacher']}' has a vocabulary of {t_vocab} tokens, the student "
+                                  f"{s_vocab}: distillation compares their token distributions, use a teacher "
+                                  "with the student's tokenizer")
+        return teacher.to(dtype).eval().requires_grad_(False)
 
     def _add_slorb(self, name, module, mask) -> None:
         k = self.cfg["slorb"]["group_size"]

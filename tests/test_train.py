@@ -1,0 +1,163 @@
+"""Sparse training end to end on a tiny LLaMA: masks, loss, resume, export, errors."""
+import json
+
+import pytest
+import torch
+import transformers
+
+from slimlm import masked, models, recipe
+from slimlm.cli import main
+from slimlm.data import load_tokens
+from slimlm.errors import SlimlmError
+from slimlm.models import find_targets, weight_matrix
+from slimlm.sparsity import is_valid_nm
+from slimlm.train.engine import Trainer
+from slimlm.train.sparse import SparseTraining
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from conftest import DATA
+
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "train.txt").write_text((DATA / "sotu" / "valid.txt").read_text()[:40_000])
+    (folder / "valid.txt").write_text((DATA / "sotu" / "test.txt").read_text()[:8_000])
+    return folder
+
+
+def make_recipe(name, model_dir, corpus, *overrides):
+    return recipe.resolve(name, [f"model={model_dir}", f"data.train={corpus / 'train.txt'}",
+                                 f"data.valid={corpus / 'valid.txt'}", "data.seqlen=32", "data.eval_windows=4",
+                                 "train.batch_size=2", "train.steps=12", "train.warmup_steps=2", "train.lr=3e-3",
+                                 "train.eval_every=100", "train.save_every=100", "method.mask_interval=4",
+                                 "method.slorb.group_size=8", *overrides])
+
+
+def build_trainer(rec, run_dir):
+    loaded = models.load(rec["model"])
+    train = load_tokens(loaded.tokenizer, rec["data"]["train"])
+    hooks = SparseTraining(rec, loaded.tokenizer)
+    return Trainer(loaded.model, hooks, rec, train, None, run_dir), hooks
+
+
+def test_masks_refresh_exactly_every_interval_and_stay_valid(model_dirs, corpus, tmp_path):
+    rec = make_recipe("ast", model_dirs["llama"], corpus, "method.decay.lambda_max=0.0")
+    trainer, hooks = build_trainer(rec, tmp_path / "run")
+    history = trainer.train()
+    refreshed = [h["step"] for h in history if "mask_flip_rate" in h]
+    assert refreshed == [4, 8, 12]
+    assert any(h.get("mask_flip_rate", 0) > 0 for h in history)  # adaptive: masks do change
+    for module in hooks.targets.values():
+        mask = masked.as_out_in(module, masked.get_mask(module))
+        assert is_valid_nm(mask.float(), 2, 4) and mask.float().mean() == 0.5
+
+
+def test_fixed_mask_never_changes_and_lambda_follows_schedule(model_dirs, corpus, tmp_path):
+    rec = make_recipe("naive", model_dirs["llama"], corpus)
+    trainer, hooks = build_trainer(rec, tmp_path / "run")
+    before = {n: masked.get_mask(m).clone() for n, m in hooks.targets.items()}
+    history = trainer.train()
+    assert all("mask_flip_rate" not in h for h in history)
+    assert all(torch.equal(before[n], masked.get_mask(m)) for n, m in hooks.targets.items())
+    ast = make_recipe("ast", model_dirs["llama"], corpus, "method.decay.ramp_fraction=0.5")
+    trainer, _ = build_trainer(ast, tmp_path / "run2")
+    lams = [h["lambda"] for h in trainer.train()]
+    assert lams[0] == 0 and lams[6:] == [1e-4] * 6 and lams[3] == pytest.approx(0.5e-4)
+
+
+def test_gradual_pruning_reaches_n_m(model_dirs, corpus, tmp_path):
+    rec = make_recipe("gmp", model_dirs["llama"], corpus)
+    trainer, hooks = build_trainer(rec, tmp_path / "run")
+    history = trainer.train()
+    steps = [h["pruned_per_group"] for h in history if "pruned_per_group" in h]
+    assert steps == sorted(steps) and steps[-1] == 2
+
+
+def test_training_loss_falls(model_dirs, corpus, tmp_path):
+    rec = make_recipe("ast-slorb", model_dirs["llama"], corpus, "train.steps=30", "method.distill.enabled=false")
+    trainer, _ = build_trainer(rec, tmp_path / "run")
+    losses = [h["loss"] for h in trainer.train()]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("name", ["ast-slorb", "gmp"])
+def test_resume_after_a_stop_is_bitwise_identical(model_dirs, corpus, tmp_path, name):
+    rec = make_recipe(name, model_dirs["llama"], corpus, "train.save_every=6")
+    full, _ = build_trainer(rec, tmp_path / "full")
+    full.train()
+    # the "interrupted" run stops after step 7 (checkpoint at 6); a fresh process resumes from step 6
+    stopped, _ = build_trainer(rec, tmp_path / "part")
+    stopped.train(until=7)
+    resumed, _ = build_trainer(rec, tmp_path / "part")
+    resumed.load_checkpoint(str(tmp_path / "part" / "checkpoint-6"))
+    resumed.train()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_cli_exports_a_plain_checkpoint(model_dirs, corpus, tmp_path):
+    out = tmp_path / "ast"
+    args = ["train", "--recipe", "ast", "--output", str(out), f"model={model_dirs['llama']}",
+            f"data.train={corpus / 'train.txt'}", f"data.valid={corpus / 'valid.txt'}", "data.seqlen=32",
+            "data.eval_windows=2", "train.batch_size=2", "train.steps=6", "train.eval_every=3", "train.save_every=3"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["reload_check"]["max_abs_output_diff"] == 0.0 and report["steps"] == 6
+    assert (out / "training_curves.png").stat().st_size > 1000 and (out / "metrics.jsonl").is_file()
+    assert not (out / "slorb.safetensors").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert all(is_valid_nm(weight_matrix(m), 2, 4) for m in find_targets(model).values())
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "ce", "kl", "lr", "lambda", "tokens_per_s"} <= set(lines[0]) and "val_ppl" in lines[2]
+    # a resume whose recipe differs is refused, naming the key
+    with pytest.raises(SlimlmError, match="train.lr"):
+        rec = recipe.resolve("ast", args[5:] + ["train.lr=1e-3"])
+        t, _ = build_trainer(rec, tmp_path / "x")
+        t.load_checkpoint(str(tmp_path / "ast.checkpoints" / "checkpoint-3"))
+
+
+def test_slorb_export_reloads_through_slimlm_load(model_dirs, corpus, tmp_path):
+    import slimlm
+
+    out = tmp_path / "slorb"
+    assert main(["train", "--recipe", "ast-slorb", "--output", str(out), f"model={model_dirs['llama']}",
+                 f"data.train={corpus / 'train.txt'}", "data.seqlen=32", "train.batch_size=2", "train.steps=3",
+                 "method.slorb.group_size=8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["slorb_layers"] == 14 and report["reload_check"]["max_abs_output_diff"] == 0.0
+    model = slimlm.load(str(out))
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, plain(ids).logits)  # the side paths matter
+    assert "slimlm.load" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.bogus=1", "unknown recipe key 'method.bogus'"),
+    ("train.steps=many", "'train.steps' must be an integer"),
+    ("method.decay.mode=sideways", "'method.decay.mode' must be one of"),
+    ("method.sparsity=0.5", "must be N:M"),
+])
+def test_recipe_errors_name_the_key(model_dirs, corpus, tmp_path, capsys, override, message):
+    rc = main(["train", "--recipe", "ast", "--output", str(tmp_path / "o"), f"model={model_dirs['llama']}",
+               f"data.train={corpus / 'train.txt'}", "data.seqlen=32", override])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_teacher_with_other_vocabulary_is_refused(model_dirs, corpus, tmp_path, capsys):
+    rc = main(["train", "--recipe", "ast", "--output", str(tmp_path / "o"), f"model={model_dirs['llama']}",
+               f"data.train={corpus / 'train.txt'}", "data.seqlen=32", "train.steps=2", "train.batch_size=2",
+               "method.distill.teacher=smollm2-135m"])
+    assert rc == 2 and "vocabulary of 49152 tokens, the student 384" in capsys.readouterr().err
+
+
+def test_diverging_loss_stops_with_the_step(model_dirs, corpus, tmp_path, capsys):
+    rc = main(["train", "--recipe", "naive", "--output", str(tmp_path / "o"), f"model={model_dirs['llama']}",
+               f"data.train={corpus / 'train.txt'}", "data.seqlen=32", "train.steps=3", "train.batch_size=2",
+               "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0.0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "diverged" in err and "at step" in err
+    assert not (tmp_path / "o").exists()
