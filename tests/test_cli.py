@@ -153,3 +153,10 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("slimlm prune: error: unknown model 'no-such-model': not a built-in name "
                                    "(smollm2-135m, minilm-l6), a model folder, a .gguf file or a hub id (org/name)")
+
+
+def test_unknown_method_is_refused_by_the_parser(model_dirs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--model", str(model_dirs["llama"]), "--method", "obs", "--output", "x"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'obs'" in capsys.readouterr().err

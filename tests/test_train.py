@@ -161,3 +161,20 @@ def test_diverging_loss_stops_with_the_step(model_dirs, corpus, tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "diverged" in err and "at step" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_start_from_a_one_shot_mask(model_dirs, corpus, tmp_path):
+    rec = make_recipe("ast", model_dirs["llama"], corpus, "method.init=sparsegpt", "method.nsamples=2")
+    trainer, hooks = build_trainer(rec, tmp_path / "run")
+    for module in hooks.targets.values():
+        mask, W = masked.get_mask(module), masked.dense_weight(module)
+        assert (W[~mask] == 0).all() and is_valid_nm(W.detach(), 2, 4)  # SparseGPT's pruned weights
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(model_dirs, corpus, tmp_path):
+    rec = make_recipe("ast", model_dirs["llama"], corpus, "train.bf16=true", "train.grad_checkpointing=true",
+                      "train.steps=2", "method.distill.teacher_dtype=bfloat16")
+    trainer, hooks = build_trainer(rec, tmp_path / "run")
+    history = trainer.train()
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert next(hooks.teacher.parameters()).dtype == torch.bfloat16
