@@ -32,6 +32,10 @@ def tiny_config(arch: str, hidden: int = 32, intermediate: int = 64, layers: int
         return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                         max_position_embeddings=512, tie_word_embeddings=True)
+    if arch in ("mistral", "qwen2"):
+        cls = transformers.MistralConfig if arch == "mistral" else transformers.Qwen2Config
+        return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if arch == "gpt2":
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
     if arch == "opt":

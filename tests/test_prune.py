@@ -35,6 +35,15 @@ def test_every_target_layer_gets_exact_pattern(arch, method, sp):
             assert torch.equal(W[kept], before[name][kept])
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_llama_style_architectures(arch):
+    model = build_model(arch)
+    targets = find_targets(model)
+    assert len(targets) == 2 * 7
+    prune(model, targets, "sparsegpt", parse_sparsity("2:4"), calib())
+    assert all(is_valid_nm(weight_matrix(m), 2, 4) for m in targets.values())
+
+
 def test_targets_default_to_block_linears():
     model = build_model("llama")
     names = list(find_targets(model))

@@ -77,7 +77,10 @@ class Trainer:
         torch.manual_seed(recipe["seed"])
         hooks.setup(self)
         if self.cfg["grad_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg["lr"],
                                betas=self.cfg["betas"], eps=self.cfg["eps"], weight_decay=self.cfg["weight_decay"])
         hooks.configure_optimizer(self.optimizer)
