@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     ap.add_argument("--sparsities", default="2:4,0.5")
     ap.add_argument("--out", default="benchmarks/results/oneshot")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing OUT.json (dense is not re-run)")
     args = ap.parse_args()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 
@@ -43,11 +44,21 @@ def main():
     windows = data.calibration_windows(calib, args.nsamples, args.seqlen, args.seed)
     targets = models.find_targets(model)
 
+    meta = {"command": "python benchmarks/oneshot.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "protocol": {"calibration": f"{args.nsamples} x {args.seqlen} tokens of train.txt, seed {args.seed}",
+                         "test": {"data": test.source, "seqlen": args.seqlen, "windows": test.ids.numel() // args.seqlen,
+                                  "bos_added": test.bos_added}}}
     rows = []
-    dense = perplexity(model, test, args.seqlen)
-    rows.append({"method": "dense", "sparsity": "-", "perplexity": dense["perplexity"], "measured_sparsity": 0.0,
-                 "prune_seconds": 0.0})
-    print(rows[-1], flush=True)
+    if args.append:
+        previous = json.load(open(args.out + ".json"))
+        rows, meta = previous["rows"], {**previous["meta"], "appended": meta}
+    else:
+        dense = perplexity(model, test, args.seqlen)
+        rows.append({"method": "dense", "sparsity": "-", "perplexity": dense["perplexity"], "measured_sparsity": 0.0,
+                     "prune_seconds": 0.0})
+        _write(args.out, meta, rows)
     for sp in args.sparsities.split(","):
         for method in args.methods.split(","):
             model.load_state_dict(dense_state)
@@ -57,21 +68,18 @@ def main():
             ev = perplexity(model, test, args.seqlen)
             rows.append({"method": method, "sparsity": sp, "perplexity": ev["perplexity"],
                          "measured_sparsity": totals(model, targets)["target_sparsity"], "prune_seconds": seconds})
-            print(rows[-1], flush=True)
+            _write(args.out, meta, rows)  # after every row: a stopped run keeps what it measured
 
-    meta = {"command": "python benchmarks/oneshot.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "protocol": {"calibration": f"{args.nsamples} x {args.seqlen} tokens of train.txt, seed {args.seed}",
-                         "test": {k: dense[k] for k in ("data", "seqlen", "windows", "tokens_scored", "bos_added")}}}
-    with open(args.out + ".json", "w") as f:
+
+def _write(out, meta, rows):
+    with open(out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     lines = ["| method | sparsity | perplexity | measured sparsity | pruning time (s) |", "| --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {r['method']} | {r['sparsity']} | {r['perplexity']:.2f} | {r['measured_sparsity']:.4f} | {r['prune_seconds']:.0f} |"
               for r in rows]
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(lines[-1], flush=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     panels = [("training loss", ["loss", "ce", "kl"]), ("validation perplexity", ["val_ppl"]),
-              ("mask flip rate", ["mask_flip_rate"]), ("learning rate / decay", ["lr", "lambda"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
+              ("mask flip rate", ["mask_flip_rate"]), ("learning rate", ["lr"]), ("SR-STE decay λ", ["lambda"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
     for ax, (name, keys) in zip(axes, panels):
         for key in keys:
             pts = [(r["step"], r[key]) for r in records if key in r]
