@@ -8,7 +8,14 @@ sotu/valid.txt is logged during training, and the reported number is perplexity 
 
     python benchmarks/ast.py --data ../shared/data/sotu --minutes-per-run 15
 """
-import argparse
+import sys
+
+# This file is named after the method, which shadows the standard library's `ast` module (imported by
+# torch) while the script's own folder is first on sys.path: take that folder off before any import.
+if sys.path and sys.path[0].endswith("benchmarks"):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
 import copy
 import datetime
 import json
@@ -74,6 +81,7 @@ def main():
     common = [f"data.train={d}/train.txt", f"data.valid={d}/valid.txt", *args.overrides]
     base = recipe.resolve("ast", common)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(args.runs, exist_ok=True)
 
     # 1. throughput: AST step vs dense step with the same KD
     t_dense = step_seconds(base, lambda r, tok: DenseKD())
@@ -117,7 +125,7 @@ def _write(args, rows, curves, steps, tokens, t_dense, t_ast, base):
             "seqlen": base["data"]["seqlen"], "batch_size": base["train"]["batch_size"], "lr": base["train"]["lr"],
             "dense_kd_step_s": t_dense, "ast_step_s": t_ast, "ast_to_dense_throughput": t_dense / t_ast}
     json.dump({"meta": meta, "rows": rows}, open(args.out + ".json", "w"), indent=2)
-    lines = ["| method | training tokens | test perplexity (1024) | best valid perplexity (256) |",
+    lines = [f"| method | training tokens | test perplexity (1024) | best valid perplexity ({base['data']['seqlen']}) |",
              "| --- | ---: | ---: | ---: |"]
     for r in rows:
         val = f"{r['best_val_ppl']:.2f}" if r.get("best_val_ppl") else "-"
