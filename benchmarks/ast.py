@@ -146,7 +146,7 @@ def _write(args, rows, curves, steps, tokens, t_dense, t_ast, base):
     axes[1].set(title="validation perplexity", xlabel="step", yscale="log")
     for ax in axes:
         ax.legend()
-    fig.suptitle(f"smollm2-135m 2:4, {tokens:,} tokens per method")
+    fig.suptitle(f"{base['model']} {base['method']['sparsity']}, {tokens:,} tokens per method")
     fig.tight_layout()
     fig.savefig(args.out + "_curves.png", dpi=110)
 
