@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers
 
 from conftest import build_model

@@ -1,5 +1,4 @@
 """Pure pieces of sparse training: STE, schedules, the AdamW decay variants, SLoRB, KD."""
-import math
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from .. import data, models, output, slorb
 from ..errors import SlimlmError
