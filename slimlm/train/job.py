@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
-
 
 from .. import data, models, output, slorb
 from ..errors import SlimlmError
@@ -38,8 +38,6 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
         if not overwrite:
             raise SlimlmError(f"{run_dir} exists from an earlier run: pass --resume {run_dir}/checkpoint-N "
                               "to continue it, or --overwrite to start over")
-        import shutil
-
         shutil.rmtree(run_dir)
     trainer = Trainer(loaded.model, hooks, recipe, train, valid, run_dir)
     if resume:
