@@ -18,4 +18,4 @@ def run(args):
     recipe = recipes.resolve(args.recipe, overrides)
     report = job.run(recipe, args.output, args.overwrite, args.resume)
     print(f"trained {report['steps']} steps ({report['tokens_seen']:,} tokens), "
-          f"best validation perplexity {report['best_val_ppl']}, -> {args.output}")
+          f"final validation perplexity {report['final_val_ppl']}, -> {args.output}")

@@ -51,6 +51,7 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
         "base_model": recipe["model"], "recipe": recipe, "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
         "seconds": time.perf_counter() - start, "final": history[-1] if history else {},
         "best_val_ppl": min((h["val_ppl"] for h in history if "val_ppl" in h), default=None),
+        "final_val_ppl": next((h["val_ppl"] for h in reversed(history) if "val_ppl" in h), None),
         "totals": totals(loaded.model, hooks.targets), "layers": layers, "resumed_from": resume,
         **extras, "model_kind": loaded.kind, "versions": output.versions(),
     }
@@ -86,7 +87,9 @@ def _card(report: dict) -> str:
         summary.append(f"SLoRB side paths in {report['slorb_layers']} layers ({report['slorb_parameters']:,} "
                        f"parameters, group size {m['slorb']['group_size']}) are stored in `slorb.safetensors`: "
                        "load with `slimlm.load(PATH)`; plain transformers loads the 2:4 part without them.")
-    results = {"best validation perplexity": report["best_val_ppl"]} if report["best_val_ppl"] else {}
+    # the final number describes the exported weights (GMP's best is from its early, denser steps)
+    results = {f"validation perplexity ({r['data']['valid']}, seqlen {r['data']['seqlen']})": report["final_val_ppl"]} \
+        if report["final_val_ppl"] else {}
     if report["slorb_layers"]:
         how = "import slimlm\nmodel = slimlm.load(\"PATH\")  # rebuilds the SLoRB side paths"
     else:
