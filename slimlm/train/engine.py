@@ -92,9 +92,15 @@ class Trainer:
         ids = []
         for j in range(index * bs, (index + 1) * bs):
             epoch, pos = divmod(j, n)
-            g = torch.Generator().manual_seed(self.recipe["seed"] * 1_000_003 + epoch)
-            ids.append(int(torch.randperm(n, generator=g)[pos]))
+            ids.append(int(self._epoch_order(epoch)[pos]))
         return self.windows[ids].to(self.device)
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The shuffled window order of one epoch, computed once per epoch."""
+        if getattr(self, "_order_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.recipe["seed"] * 1_000_003 + epoch)
+            self._order, self._order_epoch = torch.randperm(len(self.windows), generator=g), epoch
+        return self._order
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self, until: int | None = None) -> list[dict]:

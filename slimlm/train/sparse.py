@@ -123,8 +123,7 @@ class SparseTraining(Hooks):
             if cfg["mask_update"] == "adaptive":
                 new = masked.magnitude_nm_mask(module, sp.n, sp.m)
             else:
-                effective = masked.as_out_in(module, module.weight.detach())
-                new = masked.as_out_in(module, nm_mask(effective.abs(), sp.m - pruned, sp.m))
+                new = _masked_magnitude_mask(module, sp.m - pruned, sp.m)
             flips += int((new != old).sum())
             total += old.numel()
             masked.set_mask(module, new)
@@ -139,8 +138,13 @@ class SparseTraining(Hooks):
             if self.cfg["mask_update"] == "adaptive":
                 masked.set_mask(module, masked.magnitude_nm_mask(module, sp.n, sp.m))
             elif self.cfg["mask_update"] == "gradual":
-                effective = masked.as_out_in(module, module.weight.detach())
-                masked.set_mask(module, masked.as_out_in(module, nm_mask(effective.abs(), sp.n, sp.m)))
+                masked.set_mask(module, _masked_magnitude_mask(module, sp.n, sp.m))
             masked.bake_mask(module)
         return {"slorb_layers": len(self.slorbs),
                 "slorb_parameters": sum(p.numel() for s in self.slorbs.values() for p in s.parameters())}
+
+
+def _masked_magnitude_mask(module, keep: int, m: int):
+    """N:M mask from the *masked* weights (GMP): what was pruned stays pruned."""
+    effective = masked.as_out_in(module, module.weight.detach())
+    return masked.as_out_in(module, nm_mask(effective.abs(), keep, m))
