@@ -24,7 +24,10 @@ import platform
 import time
 from pathlib import Path
 
+import tempfile
+
 import torch
+import transformers
 
 import slimlm
 from slimlm import data, models, recipe
@@ -60,7 +63,7 @@ def step_seconds(rec, hooks_factory, steps=4):
     stream = data.load_tokens(loaded.tokenizer, rec["data"]["valid"])
     r = copy.deepcopy(rec)
     r["train"]["steps"] = steps + 1
-    trainer = Trainer(loaded.model, hooks_factory(r, loaded.tokenizer), r, stream, None, Path("/tmp/slimlm-bench-unused"))
+    trainer = Trainer(loaded.model, hooks_factory(r, loaded.tokenizer), r, stream, None, Path(tempfile.mkdtemp()))
     trainer.train(until=1)  # warm-up step
     start = time.perf_counter()
     trainer.train()
@@ -109,7 +112,7 @@ def main():
         seconds = time.perf_counter() - start
         model = slimlm.load(str(out))
         if test is None:
-            tok = models.load(str(out)).tokenizer
+            tok = transformers.AutoTokenizer.from_pretrained(out)  # the tokenizer alone, not a second model
             test = data.load_tokens(tok, f"{d}/test.txt")
         ppl = perplexity(model, test, 1024)["perplexity"]
         final_val = [h["val_ppl"] for h in report_history(out) if "val_ppl" in h][-1]

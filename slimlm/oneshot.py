@@ -37,16 +37,15 @@ def _evaluate(loaded, stream, settings) -> dict:
                       max_windows=settings["eval_windows"])
 
 
-def run(settings: dict, output_dir: str | None = None, overwrite: bool = False, loaded=None) -> dict:
-    """Prune as `settings` say; write the output folder if `output_dir` is given. Returns the report.
-    Pass `loaded` to reuse an already loaded model (it is pruned in place)."""
+def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) -> dict:
+    """Prune as `settings` say; write the output folder if `output_dir` is given. Returns the report."""
     sparsity = parse_sparsity(settings["sparsity"])
     if settings["method"] not in METHODS:
         raise SlimlmError(f"unknown method '{settings['method']}': choose one of {', '.join(METHODS)}")
     out_path = output.check_output_dir(output_dir, overwrite) if output_dir else None
     torch.manual_seed(settings["seed"])
 
-    loaded = loaded or models.load(settings["model"], settings["dtype"], settings["device"])
+    loaded = models.load(settings["model"], settings["dtype"], settings["device"])
     targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
     targets, skipped = models.target_layers(loaded.model, targets, sparsity.m, settings["skip_indivisible"])
 

@@ -1,5 +1,5 @@
 """The main job end to end, offline: dense -> Wanda 2:4 -> evaluate -> output folder."""
-from .. import models, oneshot
+from .. import oneshot
 
 HELP = "Offline demo: evaluate smollm2-135m, prune it 2:4 with Wanda, evaluate again, save it."
 
@@ -23,7 +23,7 @@ def run(args):
         eval_dense=True, eval_windows=args.eval_windows)
     print(f"slimlm demo: {args.model}, {args.method} {args.sparsity}, calibration and evaluation on the "
           "Python documentation bundled with CPython (pydoc_data)")
-    report = oneshot.run(settings, args.output, args.overwrite, loaded=models.load(args.model))
+    report = oneshot.run(settings, args.output, args.overwrite)
     dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
     t = report["totals"]
     rows = [("dense", dense["perplexity"], 0.0), (f"{args.method} {args.sparsity}", pruned["perplexity"], t["target_sparsity"])]
