@@ -32,8 +32,8 @@ import transformers
 import slimlm
 from slimlm import data, models, recipe
 from slimlm.evaluate import perplexity
-from slimlm.train.distill import kd_loss
-from slimlm.train.engine import Hooks, Trainer, causal_lm_loss
+from slimlm.train.distill import distill_loss, make_teacher
+from slimlm.train.engine import Hooks, Trainer
 from slimlm.train.job import run as train_run
 from slimlm.train.sparse import SparseTraining
 
@@ -43,19 +43,14 @@ METHODS = ["naive", "gmp", "ast", "ast-slorb"]
 class DenseKD(Hooks):
     """Dense training with the same distillation loss: the reference for the step-time ratio."""
 
-    def __init__(self, alpha=0.67, temperature=2.0):
-        self.alpha, self.temperature = alpha, temperature
+    def __init__(self, recipe):
+        self.distill = recipe["method"]["distill"]
 
     def setup(self, trainer):
-        self.teacher = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+        self.teacher = make_teacher(trainer.model, self.distill)
 
-    def loss(self, model, ids):
-        logits = model(input_ids=ids, use_cache=False).logits
-        with torch.no_grad():
-            t = self.teacher(input_ids=ids, use_cache=False).logits
-        ce = causal_lm_loss(logits, ids)
-        kl = kd_loss(logits[:, :-1], t[:, :-1], self.temperature)
-        return self.alpha * kl + (1 - self.alpha) * ce, {"ce": ce.item(), "kl": kl.item()}
+    def loss(self, model, batch):
+        return distill_loss(model, self.teacher, batch, self.distill)
 
 
 def step_seconds(rec, hooks_factory, steps=4):
@@ -75,6 +70,7 @@ def main():
     ap.add_argument("--data", default="../shared/data/sotu")
     ap.add_argument("--minutes-per-run", type=float, default=15.0)
     ap.add_argument("--steps", type=int, help="fix the step count instead of deriving it from --minutes-per-run")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--runs", default="runs/bench-ast")
     ap.add_argument("--out", default="benchmarks/results/ast")
     ap.add_argument("--oneshot", default="benchmarks/results/oneshot.json")
@@ -87,7 +83,7 @@ def main():
     os.makedirs(args.runs, exist_ok=True)
 
     # 1. throughput: AST step vs dense step with the same KD
-    t_dense = step_seconds(base, lambda r, tok: DenseKD())
+    t_dense = step_seconds(base, lambda r, tok: DenseKD(r))
     t_ast = step_seconds(base, lambda r, tok: SparseTraining(r, tok))
     steps = args.steps or max(10, int(args.minutes_per_run * 60 / t_ast))
     tokens = steps * base["train"]["batch_size"] * base["train"]["grad_accum"] * base["data"]["seqlen"]
@@ -103,7 +99,7 @@ def main():
 
     test = None
     curves = {}
-    for name in METHODS:
+    for name in args.methods.split(","):
         out = Path(args.runs) / name
         rec = recipe.resolve(name, common + [f"train.steps={steps}", f"train.eval_every={max(1, steps // 6)}",
                                              f"train.save_every={steps + 1}"])

@@ -6,7 +6,7 @@ import sys
 
 from .errors import SlimlmError
 
-COMMANDS = ("prune", "train", "eval", "inspect", "demo")
+COMMANDS = ("prune", "finetune", "train", "eval", "inspect", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,12 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # recipe overrides (key=value) may come after the options too: `train --recipe ast --output D steps=5`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         quiet_libraries()
         args.run(args)

@@ -111,3 +111,56 @@ def calibration_windows(stream: TokenStream, nsamples: int, seqlen: int, seed: i
     rng = random.Random(seed)
     starts = [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([stream.ids[s : s + seqlen] for s in starts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Labeled text (sequence classification): JSONL with `text` and `label` (labels may be strings)
+
+def read_labeled(spec: str) -> tuple[list[str], list[str]]:
+    path = Path(spec).expanduser()
+    if not path.is_file() or path.suffix != ".jsonl":
+        raise SlimlmError(f"labeled data must be a .jsonl file with 'text' and 'label' fields, got '{spec}'")
+    texts, labels = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                texts.append(str(row["text"]))
+                labels.append(str(row["label"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SlimlmError(f"{spec}, line {lineno}: expected a JSON object with 'text' and 'label' fields") from None
+    if not texts:
+        raise SlimlmError(f"labeled data '{spec}' is empty")
+    return texts, labels
+
+
+def label_names(labels: list[str]) -> list[str]:
+    """Class order: numeric labels by value, others alphabetically (stable across runs and files)."""
+    unique = set(labels)
+    if all(x.lstrip("-").isdigit() for x in unique):
+        return sorted(unique, key=int)
+    return sorted(unique)
+
+
+@dataclass
+class LabeledExamples:
+    """Tokenized, padded examples: input_ids and attention_mask (n, max_length), labels (n,)."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+    source: str
+
+
+def load_labeled(tokenizer, spec: str, max_length: int, names: list[str] | None = None) -> LabeledExamples:
+    texts, labels = read_labeled(spec)
+    names = names or label_names(labels)
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise SlimlmError(f"{spec} has labels the model does not know: {', '.join(unknown[:5])} "
+                          f"(known: {', '.join(names[:10])})")
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    return LabeledExamples(enc.input_ids, enc.attention_mask, torch.tensor([index[x] for x in labels]), names, spec)

@@ -44,3 +44,21 @@ def perplexity(model, stream: TokenStream, seqlen: int, max_windows: int | None 
         "bos_added": stream.bos_added,
         "protocol": "non-overlapping windows, remainder dropped, exp(mean next-token NLL)",
     }
+
+
+@torch.no_grad()
+def accuracy(model, examples, batch_size: int = 64, max_examples: int | None = None) -> dict:
+    """Classification accuracy of a sequence-classification model on labeled examples."""
+    device = next(model.parameters()).device
+    n = len(examples.labels) if max_examples is None else min(max_examples, len(examples.labels))
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in tqdm(range(0, n, batch_size), desc="accuracy", unit="batch", leave=False):
+        end = min(n, start + batch_size)
+        logits = model(input_ids=examples.input_ids[start:end].to(device),
+                       attention_mask=examples.attention_mask[start:end].to(device)).logits
+        correct += int((logits.argmax(-1).cpu() == examples.labels[start:end]).sum())
+    model.train(was_training)
+    return {"accuracy": correct / n, "correct": correct, "examples": n, "data": examples.source,
+            "labels": list(examples.names)}

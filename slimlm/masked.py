@@ -65,6 +65,10 @@ def attach_mask(module: nn.Module, mask: torch.Tensor, ste: bool) -> None:
     parametrize.register_parametrization(module, "weight", MaskedWeight(mask, ste), unsafe=True)
 
 
+def is_masked(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module, "weight")
+
+
 def get_mask(module: nn.Module) -> torch.Tensor:
     return module.parametrizations.weight[0].mask
 

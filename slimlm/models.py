@@ -114,8 +114,60 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
         from . import slorb  # SLoRB side paths saved by `slimlm train` next to the checkpoint
 
         slorb.load_into(model, Path(location))
+        if getattr(config, "slimlm_lowrank", None):
+            model = _rebuild_lowrank(model, Path(location), config.slimlm_lowrank)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, kind=kind)
+
+
+def _rebuild_lowrank(model: nn.Module, folder: Path, ranks: dict) -> nn.Module:
+    """LPAF output: the layers named in config.slimlm_lowrank are LowRankLinear(rank) modules whose
+    factors are in the checkpoint under NAME.down.weight / NAME.up.weight / NAME.up.bias. from_pretrained
+    built the stock layers (and left them uninitialised); swap in the factored ones and load them."""
+    from safetensors.torch import load_file
+
+    from .factorized import LowRankLinear, replace_module
+
+    files = sorted(folder.glob("*.safetensors"))
+    state = {}
+    for f in files:
+        if f.name != "slorb.safetensors":
+            state.update(load_file(str(f)))
+    param = next(model.parameters())
+    for name, rank in ranks.items():
+        old = model.get_submodule(name)
+        out_f, in_f = weight_matrix(old).shape
+        layer = LowRankLinear(in_f, out_f, int(rank), bias=getattr(old, "bias", None) is not None,
+                              device=param.device, dtype=param.dtype)
+        try:
+            layer.down.weight.data.copy_(state[f"{name}.down.weight"])
+            layer.up.weight.data.copy_(state[f"{name}.up.weight"])
+            if layer.up.bias is not None:
+                layer.up.bias.data.copy_(state[f"{name}.up.bias"])
+        except KeyError as err:
+            raise SlimlmError(f"{folder}: config lists low-rank layer {name} but the checkpoint lacks {err}") from None
+        replace_module(model, name, layer)
+    return model
+
+
+def load_classifier(spec: str, names: list[str], device: str = "cpu") -> LoadedModel:
+    """An encoder with a sequence-classification head for these labels: a fresh head on a plain
+    encoder, or the model's own head when it was fine-tuned already (its labels must match)."""
+    import transformers
+
+    loaded = load(spec, device=device)
+    if loaded.kind == "sequence-classification":
+        known = [loaded.model.config.id2label[i] for i in range(loaded.model.config.num_labels)]
+        if known != list(names):
+            raise SlimlmError(f"model '{spec}' classifies into {known[:10]}, the data has labels {list(names)[:10]}")
+        return loaded
+    if loaded.kind == "causal-lm":
+        raise SlimlmError(f"model '{spec}' is a causal LM: classification fine-tuning needs an encoder (BERT-like)")
+    location, _ = resolve(spec)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        location, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)})
+    return LoadedModel(model=model.to(device), tokenizer=loaded.tokenizer, source=spec, kind="sequence-classification")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def _outputs(model, probe: torch.Tensor) -> torch.Tensor:
 
 def _verify(original: LoadedModel, folder: Path, probe: torch.Tensor, target_names: list[str],
             sparsity: Sparsity | None) -> dict:
+    original.model.eval()  # dropout off: compare the functions, not two random draws
     reloaded = load(str(folder), dtype=str(next(original.model.parameters()).dtype).replace("torch.", ""))
     device = next(original.model.parameters()).device
     reloaded.model.to(device)

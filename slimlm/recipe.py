@@ -16,7 +16,8 @@ from .errors import SlimlmError
 DEFAULTS = {
     "model": "smollm2-135m",
     "seed": 0,
-    "data": {"train": None, "valid": None, "seqlen": 256, "eval_windows": 16},
+    # text data is packed into windows of seqlen tokens; labeled JSONL (classifiers) is cut at max_length
+    "data": {"train": None, "valid": None, "seqlen": 256, "eval_windows": 16, "max_length": 128},
     "train": {
         "steps": 100, "batch_size": 4, "grad_accum": 1, "lr": 2e-4, "min_lr_ratio": 0.1, "warmup_steps": 10,
         "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0, "bf16": False,
@@ -36,17 +37,29 @@ DEFAULTS = {
         "decay": {"mode": "second-moment", "lambda_max": 1e-4, "ramp_fraction": 0.25},
         "distill": {"enabled": True, "teacher": None, "alpha": 0.67, "temperature": 2.0, "kl": "forward", "teacher_dtype": "float32"},
         "slorb": {"enabled": False, "group_size": 16, "init": "mean", "train_x": False},
+        # movement and lpaf: the fraction of target-layer parameters kept (unstructured / low-rank budget)
+        "keep": 0.5,
+        # movement pruning: keep falls from 1 to `keep` on a cubic schedule between start_fraction of
+        # training and the last hold_fraction; masks from scores every mask_interval steps
+        "movement": {"start_fraction": 0.1, "hold_fraction": 0.1, "mask_interval": 1, "ema": 0.0},
+        # lpaf: prune (movement over prune_fraction of the steps, or none: factorize the dense weights),
+        # factorize, then mixed-rank fine-tuning for the rest
+        "lpaf": {"prune": "movement", "prune_fraction": 0.5, "factorization": "sparsity-aware", "svd_iters": 20,
+                 "mixed": "probability", "mixed_fraction": 0.5, "fisher_batches": 8, "merge": False},
     },
 }
 
 CHOICES = {
-    "method.name": ("ast", "naive", "gmp"),
+    "method.name": ("ast", "naive", "gmp", "finetune", "movement", "lpaf"),
     "method.init": ("magnitude", "wanda", "sparsegpt"),
     "method.mask_update": ("adaptive", "fixed", "gradual"),
     "method.decay.mode": ("second-moment", "gradient", "none"),
     "method.distill.kl": ("forward", "reverse"),
     "method.distill.teacher_dtype": ("float32", "bfloat16"),
     "method.slorb.init": ("mean", "random"),
+    "method.lpaf.prune": ("movement", "none"),
+    "method.lpaf.factorization": ("svd", "fisher", "sparsity-aware"),
+    "method.lpaf.mixed": ("probability", "rank", "none"),
 }
 
 # keys that may differ between a run and its resume (they do not change the trajectory)
@@ -145,10 +158,21 @@ def _parse_override(item: str) -> dict:
     return nested
 
 
+# numbers that must lie in a range: key -> (low, high, low inclusive)
+RANGES = {"method.keep": (0.0, 1.0, False), "method.lpaf.prune_fraction": (0.0, 1.0, True),
+          "method.lpaf.mixed_fraction": (0.0, 1.0, True), "method.movement.start_fraction": (0.0, 1.0, True),
+          "method.movement.hold_fraction": (0.0, 1.0, True), "method.movement.ema": (0.0, 1.0, True)}
+
+
 def resolve(spec: str, overrides: list[str] | None = None) -> dict:
     recipe = _merge(copy.deepcopy(DEFAULTS), read_recipe(spec))
     for item in overrides or []:
         recipe = _merge(recipe, _parse_override(item))
+    flat = flatten(recipe)
+    for key, (low, high, inclusive) in RANGES.items():
+        value = flat[key]
+        if value > high or value < low or (value == low and not inclusive):
+            raise SlimlmError(f"recipe key '{key}' must be in {'[' if inclusive else '('}{low}, {high}], got {value}")
     return recipe
 
 

@@ -151,7 +151,7 @@ def test_teacher_with_other_vocabulary_is_refused(model_dirs, corpus, tmp_path, 
     rc = main(["train", "--recipe", "ast", "--output", str(tmp_path / "o"), f"model={model_dirs['llama']}",
                f"data.train={corpus / 'train.txt'}", "data.seqlen=32", "train.steps=2", "train.batch_size=2",
                "method.distill.teacher=smollm2-135m"])
-    assert rc == 2 and "vocabulary of 49152 tokens, the student 384" in capsys.readouterr().err
+    assert rc == 2 and "has 49152 outputs (vocabulary or classes), the student 384" in capsys.readouterr().err
 
 
 def test_diverging_loss_stops_with_the_step(model_dirs, corpus, tmp_path, capsys):
@@ -178,3 +178,17 @@ def test_bf16_autocast_and_gradient_checkpointing_run(model_dirs, corpus, tmp_pa
     history = trainer.train()
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert next(hooks.teacher.parameters()).dtype == torch.bfloat16
+
+
+def test_slorb_after_one_shot_init_starts_from_the_dense_weights_the_mask_removed(model_dirs, corpus, tmp_path):
+    from slimlm import slorb
+
+    rec = make_recipe("ast-slorb", model_dirs["llama"], corpus, "method.init=wanda", "method.nsamples=4")
+    dense = {n: m.weight.detach().clone() for n, m in find_targets(models.load(rec["model"]).model).items()}
+    trainer, hooks = build_trainer(rec, tmp_path / "run")
+    for name, module in hooks.targets.items():
+        mask = masked.get_mask(module)
+        assert torch.equal(masked.dense_weight(module)[~mask], torch.zeros(int((~mask).sum())))  # Wanda zeroed them
+        expected = slorb.mean_init(dense[name], mask, 8)
+        assert hooks.slorbs[name].S.abs().sum() > 0
+        torch.testing.assert_close(hooks.slorbs[name].S.detach(), expected)

@@ -1,7 +1,8 @@
 from .. import recipe as recipes
 from ..train import job
 
-HELP = "Retrain a model sparse (AST, naive, GMP) from a YAML recipe with key=value overrides."
+HELP = ("Retrain a model compressed from a YAML recipe with key=value overrides: 2:4 sparse (ast, ast-slorb, "
+        "naive, gmp), movement-pruned (movement) or low-rank (lpaf).")
 
 
 def add_arguments(p):
@@ -17,5 +18,5 @@ def run(args):
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     recipe = recipes.resolve(args.recipe, overrides)
     report = job.run(recipe, args.output, args.overwrite, args.resume)
-    print(f"trained {report['steps']} steps ({report['tokens_seen']:,} tokens), "
-          f"final validation perplexity {report['final_val_ppl']}, -> {args.output}")
+    final = f", final {report['validation_metric']} {report['final_val']:.4f}" if report["final_val"] is not None else ""
+    print(f"trained {report['steps']} steps ({report['tokens_seen']:,} tokens){final} -> {args.output}")

@@ -1,13 +1,23 @@
-"""Logit distillation loss (pure): alpha * T^2 * KL + (1 - alpha) * CE, averaged per token."""
+"""Logit distillation from a frozen dense teacher: alpha * T^2 * KL + (1 - alpha) * CE.
+
+For a causal LM the distributions are next-token distributions (per token); for a classifier, the
+class distribution (per example). Logit KL only: METHODS.md (AST) found intermediate-layer losses harmful.
+"""
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 
+from .. import models
+from ..errors import SlimlmError
+from .engine import logits_of, predicted, task_loss
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             kind: str = "forward") -> torch.Tensor:
-    """T^2 * KL per predicted token. forward: KL(p_teacher || p_student); reverse: KL(p_student || p_teacher)."""
+    """T^2 * KL per predicted distribution. forward: KL(p_teacher || p_student); reverse: KL(p_student || p_teacher)."""
     s = F.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, -2)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, -2)
     if kind == "forward":
@@ -15,3 +25,36 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     else:
         kl = F.kl_div(t, s, log_target=True, reduction="batchmean")
     return kl * temperature**2
+
+
+def make_teacher(model, d: dict):
+    """The frozen dense teacher: a copy of the starting model (default) or another model with the same
+    outputs (vocabulary or classes). Call before the student is changed."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[d["teacher_dtype"]]
+    if d["teacher"] is None:
+        teacher = copy.deepcopy(model)
+    else:
+        teacher = models.load(d["teacher"], device=str(next(model.parameters()).device)).model
+        t_out, s_out = _outputs(teacher), _outputs(model)
+        if t_out != s_out:
+            raise SlimlmError(f"teacher '{d['teacher']}' has {t_out} outputs (vocabulary or classes), the student "
+                              f"{s_out}: distillation compares their distributions, use a teacher with the "
+                              "student's tokenizer (or label set)")
+    return teacher.to(dtype).eval().requires_grad_(False)
+
+
+def _outputs(model) -> int:
+    head = model.get_output_embeddings()
+    return head.out_features if head is not None else model.config.num_labels
+
+
+def distill_loss(model, teacher, batch: dict, d: dict) -> tuple[torch.Tensor, dict]:
+    """The training loss of a distilling method, and its parts to log. Without a teacher: plain CE."""
+    logits = logits_of(model, batch)
+    ce = task_loss(logits, batch)
+    if teacher is None:
+        return ce, {"ce": ce.item()}
+    with torch.no_grad():
+        teacher_logits = logits_of(teacher, batch)
+    kl = kd_loss(predicted(logits, batch), predicted(teacher_logits, batch), d["temperature"], d["kl"])
+    return d["alpha"] * kl + (1 - d["alpha"]) * ce, {"ce": ce.item(), "kl": kl.item()}

@@ -1,5 +1,5 @@
-"""One training engine for every method: token windows, AdamW, warmup + cosine, accumulation,
-clipping, bf16 autocast, gradient checkpointing, evaluation, checkpoints, resume, logging.
+"""One training engine for every method: token windows or labeled texts, AdamW, warmup + cosine,
+accumulation, clipping, bf16 autocast, gradient checkpointing, evaluation, checkpoints, resume, logging.
 
 The engine knows nothing about masks or teachers. Methods plug in through `Hooks`.
 """
@@ -17,9 +17,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from .. import recipe as recipes
-from ..data import TokenStream, eval_windows
 from ..errors import SlimlmError
-from ..evaluate import perplexity
+from .datasets import as_dataset, to_device, tokens_in
 from .optim import AdamW
 from .schedules import warmup_cosine
 
@@ -36,10 +35,10 @@ class Hooks:
     def before_forward(self, step: int) -> None:
         """Called once per optimizer step, before its first micro-batch."""
 
-    def loss(self, model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Training loss of one micro-batch and the numbers to log. Default: next-token cross-entropy."""
-        logits = model(input_ids=input_ids, use_cache=False).logits
-        ce = causal_lm_loss(logits, input_ids)
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Training loss of one micro-batch and the numbers to log. Default: the task's cross-entropy
+        (next token for a causal LM, the label for a classifier)."""
+        ce = task_loss(logits_of(model, batch), batch)
         return ce, {"ce": ce.item()}
 
     def after_backward(self, step: int) -> None:
@@ -58,17 +57,36 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
+def logits_of(model, batch: dict) -> torch.Tensor:
+    if "labels" in batch:  # classifier: one distribution per example
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model(input_ids=batch["input_ids"], use_cache=False).logits
+
+
+def task_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    if "labels" in batch:
+        return F.cross_entropy(logits.float(), batch["labels"])
+    return causal_lm_loss(logits, batch["input_ids"])
+
+
+def predicted(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The distributions a loss compares: every position but the last for a causal LM (it has no
+    target), the single class distribution for a classifier."""
+    return logits if "labels" in batch else logits[:, :-1]
+
+
 class Trainer:
-    def __init__(self, model, hooks: Hooks, recipe: dict, train: TokenStream, valid: TokenStream | None,
-                 run_dir: Path):
+    def __init__(self, model, hooks: Hooks, recipe: dict, train, valid, run_dir: Path):
+        """`train`/`valid`: token streams (packed into windows of data.seqlen), labeled examples, or
+        datasets from datasets.py; `valid` may be None."""
         self.model, self.hooks, self.recipe = model, hooks, recipe
         self.cfg = recipe["train"]
         self.seqlen = recipe["data"]["seqlen"]
-        self.windows = eval_windows(train, self.seqlen)  # packed, non-overlapping
-        if len(self.windows) < self.cfg["batch_size"]:
-            raise SlimlmError(f"training data '{train.source}' has {len(self.windows)} windows of {self.seqlen} "
-                              f"tokens, fewer than one batch of {self.cfg['batch_size']}")
-        self.valid = valid
+        self.train_set = as_dataset(train, self.seqlen)
+        if len(self.train_set) < self.cfg["batch_size"]:
+            raise SlimlmError(f"training data '{self.train_set.source}' has {len(self.train_set)} examples "
+                              f"(windows of {self.seqlen} tokens for text), fewer than one batch of {self.cfg['batch_size']}")
+        self.valid = as_dataset(valid, self.seqlen) if valid is not None else None
         self.run_dir = Path(run_dir)
         self.step = 0
         self.tokens_seen = 0
@@ -87,19 +105,19 @@ class Trainer:
         self.writer = self._tensorboard() if self.cfg["tensorboard"] else None
 
     # -- data: batch i is a pure function of (seed, i), so resuming needs only the step ------------
-    def batch(self, index: int) -> torch.Tensor:
-        bs, n = self.cfg["batch_size"], len(self.windows)
+    def batch(self, index: int) -> dict:
+        bs, n = self.cfg["batch_size"], len(self.train_set)
         ids = []
         for j in range(index * bs, (index + 1) * bs):
             epoch, pos = divmod(j, n)
             ids.append(int(self._epoch_order(epoch)[pos]))
-        return self.windows[ids].to(self.device)
+        return to_device(self.train_set.get(ids), self.device)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        """The shuffled window order of one epoch, computed once per epoch."""
+        """The shuffled example order of one epoch, computed once per epoch."""
         if getattr(self, "_order_epoch", None) != epoch:
             g = torch.Generator().manual_seed(self.recipe["seed"] * 1_000_003 + epoch)
-            self._order, self._order_epoch = torch.randperm(len(self.windows), generator=g), epoch
+            self._order, self._order_epoch = torch.randperm(len(self.train_set), generator=g), epoch
         return self._order
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -108,7 +126,6 @@ class Trainer:
         cfg, total = self.cfg, self.cfg["steps"]
         stop = min(total, until) if until else total
         self.model.train()
-        tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * self.seqlen
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step")
         while self.step < stop:
             start = time.perf_counter()
@@ -117,10 +134,12 @@ class Trainer:
                 group["lr"] = lr
             self.hooks.before_forward(self.step)
             sums: dict[str, float] = {}
+            step_tokens = 0
             for micro in range(cfg["grad_accum"]):
-                ids = self.batch(self.step * cfg["grad_accum"] + micro)
+                batch = self.batch(self.step * cfg["grad_accum"] + micro)
+                step_tokens += tokens_in(batch)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
-                    loss, parts = self.hooks.loss(self.model, ids)
+                    loss, parts = self.hooks.loss(self.model, batch)
                 if not math.isfinite(loss.item()):
                     raise SlimlmError(f"loss diverged ({loss.item()}) at step {self.step + 1}; the last good "
                                       f"checkpoint is {self.last_checkpoint() or 'none'}: lower train.lr or "
@@ -133,13 +152,13 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.tokens_seen += tokens_per_step
+            self.tokens_seen += step_tokens
             seconds = time.perf_counter() - start
             record = {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": self.tokens_seen, "tokens_per_s": tokens_per_step / seconds,
+                      "tokens": self.tokens_seen, "tokens_per_s": step_tokens / seconds,
                       **self.hooks.after_step(self.step)}
             if self.valid is not None and (self.step % cfg["eval_every"] == 0 or self.step == total):
-                record["val_ppl"] = self.evaluate()
+                record[self.valid.metric] = self.evaluate()
             self.log(record)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -151,13 +170,14 @@ class Trainer:
         return self.history
 
     def evaluate(self) -> float:
-        result = perplexity(self.model, self.valid, self.seqlen, max_windows=self.recipe["data"]["eval_windows"])
+        """Validation perplexity (text) or accuracy (labeled examples)."""
+        value = self.valid.score(self.model, self.recipe["data"]["eval_windows"])
         self.model.train()
-        return result["perplexity"]
+        return value
 
     def log(self, record: dict) -> None:
         self.history.append(record)
-        if self.step % self.cfg["log_every"] == 0 or "val_ppl" in record:
+        if self.step % self.cfg["log_every"] == 0 or any(k.startswith("val_") for k in record):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -1,6 +1,13 @@
-"""The training job behind `slimlm train`: recipe -> model, data, hooks -> engine -> published folder."""
+"""The training job behind `slimlm train` and `slimlm finetune`: recipe -> model, data, hooks ->
+engine -> published folder.
+
+Causal LMs train on packed text windows; encoders train a classification head on labeled JSONL.
+LPAF runs two engine runs (movement pruning, then mixed-rank fine-tuning of the factorized model)
+with the factorization between them.
+"""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -9,11 +16,14 @@ from pathlib import Path
 from .. import data, models, output, slorb
 from ..errors import SlimlmError
 from ..inspect import layer_stats, totals
-from .engine import Trainer
+from .distill import distill_loss, make_teacher
+from .engine import Hooks, Trainer
+from .mixed_rank import MixedRankTraining, factorize_targets, fisher_information
+from .movement import MovementPruning
 from .plots import plot_curves
 from .sparse import SparseTraining
 
-METHODS = {"ast": SparseTraining, "naive": SparseTraining, "gmp": SparseTraining}
+SPARSE = ("ast", "naive", "gmp")
 
 
 def checkpoint_dir(output_dir: str) -> Path:
@@ -22,78 +32,201 @@ def checkpoint_dir(output_dir: str) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
+def load_model_and_data(recipe: dict):
+    """The model and its training/validation data: text for a causal LM, labeled examples otherwise."""
+    d = recipe["data"]
+    probe = models.load(recipe["model"], device=recipe["train"]["device"])
+    if probe.kind == "causal-lm":
+        train = data.load_tokens(probe.tokenizer, d["train"])
+        valid = data.load_tokens(probe.tokenizer, d["valid"]) if d["valid"] else None
+        return probe, train, valid
+    if recipe["method"]["name"] in SPARSE:
+        raise SlimlmError(f"model '{recipe['model']}' is a {probe.kind} model: the {recipe['method']['name']} recipe "
+                          "trains causal LMs; use movement or lpaf for encoders")
+    names = (data.label_names(data.read_labeled(d["train"])[1]) if probe.kind != "sequence-classification"
+             else [probe.model.config.id2label[i] for i in range(probe.model.config.num_labels)])
+    loaded = models.load_classifier(recipe["model"], names, device=recipe["train"]["device"]) \
+        if probe.kind != "sequence-classification" else probe
+    train = data.load_labeled(loaded.tokenizer, d["train"], d["max_length"], names)
+    valid = data.load_labeled(loaded.tokenizer, d["valid"], d["max_length"], names) if d["valid"] else None
+    return loaded, train, valid
+
+
 def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | None = None) -> dict:
     out_path = output.check_output_dir(output_dir, overwrite)
     if not recipe["data"]["train"]:
         raise SlimlmError("the recipe has no training data: set data.train=FILE")
     start = time.perf_counter()
-    loaded = models.load(recipe["model"], device=recipe["train"]["device"])
-    if loaded.kind != "causal-lm":
-        raise SlimlmError(f"model '{recipe['model']}' is a {loaded.kind} model; `slimlm train` recipes need a causal LM")
-    train = data.load_tokens(loaded.tokenizer, recipe["data"]["train"])
-    valid = data.load_tokens(loaded.tokenizer, recipe["data"]["valid"]) if recipe["data"]["valid"] else None
-    hooks = METHODS[recipe["method"]["name"]](recipe, loaded.tokenizer)
+    loaded, train, valid = load_model_and_data(recipe)
     run_dir = checkpoint_dir(output_dir)
     if not resume and run_dir.exists():
         if not overwrite:
             raise SlimlmError(f"{run_dir} exists from an earlier run: pass --resume {run_dir}/checkpoint-N "
                               "to continue it, or --overwrite to start over")
         shutil.rmtree(run_dir)
-    trainer = Trainer(loaded.model, hooks, recipe, train, valid, run_dir)
-    if resume:
-        trainer.load_checkpoint(resume)
-    history = trainer.train()
-    extras = hooks.export(loaded.model)
-
-    layers = layer_stats(hooks.targets, ranks=False)
+    dense_params = {n: p.numel() for n, p in loaded.model.named_parameters()}
+    name = recipe["method"]["name"]
+    if name == "lpaf":
+        trainers, hooks, extras = _run_lpaf(loaded, recipe, train, valid, run_dir, resume)
+    else:
+        hooks = (SparseTraining(recipe, loaded.tokenizer) if name in SPARSE
+                 else MovementPruning(recipe) if name == "movement" else Hooks())
+        trainers = [Trainer(loaded.model, hooks, recipe, train, valid, run_dir)]
+        if resume:
+            trainers[0].load_checkpoint(resume)
+        trainers[0].train()
+        extras = hooks.export(loaded.model)
+    history = [h for t in trainers for h in t.history]
+    metric = trainers[-1].valid.metric if trainers[-1].valid is not None else None
     report = {
-        "command": "train", "method": recipe["method"]["name"], "sparsity": recipe["method"]["sparsity"],
-        "base_model": recipe["model"], "recipe": recipe, "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+        "command": "finetune" if name == "finetune" else "train", "method": name,
+        "sparsity": recipe["method"]["sparsity"] if name in SPARSE else None,
+        "keep": recipe["method"]["keep"] if name in ("movement", "lpaf") else None,
+        "base_model": recipe["model"], "model_kind": loaded.kind, "recipe": recipe,
+        "steps": sum(t.step for t in trainers), "tokens_seen": sum(t.tokens_seen for t in trainers),
         "seconds": time.perf_counter() - start, "final": history[-1] if history else {},
-        "best_val_ppl": min((h["val_ppl"] for h in history if "val_ppl" in h), default=None),
+        "validation_metric": metric,
+        "best_val": _best(history, metric), "final_val": next((h[metric] for h in reversed(history) if metric in h), None),
         "final_val_ppl": next((h["val_ppl"] for h in reversed(history) if "val_ppl" in h), None),
-        "totals": totals(loaded.model, hooks.targets), "layers": layers, "resumed_from": resume,
-        **extras, "model_kind": loaded.kind, "versions": output.versions(),
+        "parameters": parameter_counts(loaded.model, dense_params, getattr(hooks, "target_names", None)
+                                       or list(getattr(hooks, "targets", {}))),
+        "resumed_from": resume, **extras, "versions": output.versions(),
     }
+    if name in SPARSE:
+        report["totals"] = totals(loaded.model, hooks.targets)
+        report["layers"] = layer_stats(hooks.targets, ranks=False)
+    if name == "finetune" and loaded.kind == "sequence-classification":
+        report["labels"] = [loaded.model.config.id2label[i] for i in range(loaded.model.config.num_labels)]
 
     def save_extras(folder: Path) -> None:
-        if hooks.slorbs:
+        if getattr(hooks, "slorbs", None):
             slorb.save(hooks.slorbs, folder)
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            (folder / "metrics.jsonl").write_text(metrics.read_text())
-            plot_curves([json.loads(line) for line in metrics.read_text().splitlines()], folder / "training_curves.png",
-                        title=f"{recipe['method']['name']} {recipe['method']['sparsity']} on {recipe['model']}")
+        if history:
+            (folder / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            plot_curves(history, folder / "training_curves.png", title=f"{name} on {recipe['model']}")
 
-    probe = trainer.windows[0, :64].unsqueeze(0).to(trainer.device)
-    output.publish(loaded, out_path, overwrite, recipe, report, _card(report), list(hooks.targets),
-                   hooks.sparsity, probe, extra_save=save_extras)
+    probe = trainers[0].train_set.get([0])["input_ids"][:, :64].to(trainers[0].device)
+    output.publish(loaded, out_path, overwrite, recipe, report, _card(report), report["parameters"]["targets"],
+                   getattr(hooks, "sparsity", None) if name in SPARSE else None, probe, extra_save=save_extras)
     return report
 
 
+def _best(history: list[dict], metric: str | None):
+    values = [h[metric] for h in history if metric and metric in h]
+    if not values:
+        return None
+    return max(values) if metric == "val_acc" else min(values)
+
+
+def _run_lpaf(loaded, recipe: dict, train, valid, run_dir: Path, resume: str | None):
+    """Stage 1: movement pruning (or none); stage 2: factorize, then mixed-rank fine-tuning.
+    Each stage has its own checkpoints (run_dir/prune, run_dir/finetune) and schedules."""
+    lp, total = recipe["method"]["lpaf"], recipe["train"]["steps"]
+    prune_steps = int(lp["prune_fraction"] * total) if lp["prune"] == "movement" else 0
+    if lp["prune"] == "none" and lp["factorization"] == "sparsity-aware":
+        raise SlimlmError("method.lpaf.factorization=sparsity-aware needs pruning scores: set method.lpaf.prune=movement "
+                          "or choose svd or fisher")
+    model = loaded.model
+    resume_stage = Path(resume).parent.name if resume else None
+    teacher = make_teacher(model, recipe["method"]["distill"]) if recipe["method"]["distill"]["enabled"] else None
+    trainers = []
+    if prune_steps:
+        stage1 = _stage_recipe(recipe, prune_steps)
+        pruning = MovementPruning(stage1, prune_steps)
+        pruning.teacher = teacher
+        t1 = Trainer(model, pruning, stage1, train, valid, run_dir / "prune")
+        final1 = run_dir / "prune" / f"checkpoint-{prune_steps}"
+        if resume_stage == "finetune":
+            t1.load_checkpoint(str(final1))  # stage 1 is done: restore its end state
+        else:
+            if resume:
+                t1.load_checkpoint(resume)
+            t1.train()
+            if not final1.exists():
+                t1.save_checkpoint()
+        trainers.append(t1)
+        targets = pruning.targets
+    else:
+        targets = models.find_targets(model, recipe["method"]["include"], recipe["method"]["ignore"])
+    fisher = None
+    if lp["factorization"] == "fisher":
+        source = trainers[0] if trainers else Trainer(model, Hooks(), recipe, train, None, run_dir / "fisher")
+        batches = [source.batch(i) for i in range(lp["fisher_batches"])]
+        fisher = fisher_information(model, targets, batches, lambda m, b: distill_loss(m, None, b, recipe["method"]["distill"]))
+    layers = factorize_targets(model, targets, recipe["method"]["keep"], lp["factorization"], lp["svd_iters"], fisher)
+    stage2 = _stage_recipe(recipe, total - prune_steps)
+    hooks = MixedRankTraining(stage2, layers, teacher, total - prune_steps)
+    hooks.target_names = list(layers)
+    t2 = Trainer(model, hooks, stage2, train, valid, run_dir / "finetune")
+    if resume_stage == "finetune":
+        t2.load_checkpoint(resume)
+    t2.train()
+    trainers.append(t2)
+    return trainers, hooks, hooks.export(model)
+
+
+def _stage_recipe(recipe: dict, steps: int) -> dict:
+    stage = copy.deepcopy(recipe)
+    stage["train"]["steps"] = steps
+    stage["train"]["warmup_steps"] = min(stage["train"]["warmup_steps"], max(0, steps - 1))
+    return stage
+
+
+def parameter_counts(model, dense: dict[str, int], targets: list[str]) -> dict:
+    """Retained parameters of the target layers as a fraction of dense (the movement/CoFi/LPAF
+    convention: non-zeros for sparse layers, factor sizes for low-rank ones), and the whole model."""
+    def count(prefixes, table):
+        return sum(v for k, v in table.items() if any(k.startswith(p + ".") for p in prefixes))
+
+    now = {n: int((p != 0).sum()) for n, p in model.named_parameters()}
+    target_dense = count(targets, dense)
+    target_now = count(targets, now)
+    return {"targets": targets, "target_dense": target_dense, "target_kept": target_now,
+            "target_fraction": target_now / target_dense if target_dense else None,
+            "model_dense": sum(dense.values()), "model_nonzero": sum(now.values())}
+
+
 def _card(report: dict) -> str:
-    r = report["recipe"]
+    r, name = report["recipe"], report["method"]
     m = r["method"]
-    parts = [f"masks: {m['mask_update']}" + (f" (refreshed every {m['mask_interval']} steps)" if m["mask_update"] != "fixed" else "")]
-    if m["decay"]["mode"] != "none":
-        parts.append(f"SR-STE decay λ_max={m['decay']['lambda_max']:g} ({m['decay']['mode']})")
-    if m["distill"]["enabled"]:
+    if name in SPARSE:
+        parts = [f"masks: {m['mask_update']}" + (f" (refreshed every {m['mask_interval']} steps)" if m["mask_update"] != "fixed" else "")]
+        if m["decay"]["mode"] != "none":
+            parts.append(f"SR-STE decay λ_max={m['decay']['lambda_max']:g} ({m['decay']['mode']})")
+        what = f"retrained to **{report['sparsity']}** sparsity"
+    elif name == "movement":
+        parts = [f"first-order scores, cubic schedule to {m['keep']:.0%} of target weights kept"]
+        what = "pruned by movement (unstructured)"
+    elif name == "lpaf":
+        lp = m["lpaf"]
+        parts = [f"pruning: {lp['prune']}", f"factorization: {lp['factorization']} SVD",
+                 f"mixed-rank fine-tuning: {lp['mixed']}"]
+        what = f"factorized to {m['keep']:.0%} of the target-layer parameters (LPAF)"
+    else:
+        parts, what = ["dense"], "fine-tuned"
+    if m["distill"]["enabled"] and name != "finetune":
         parts.append(f"distillation α={m['distill']['alpha']}, T={m['distill']['temperature']}")
-    summary = [f"`{report['base_model']}` retrained to **{report['sparsity']}** sparsity with slimlm's "
-               f"**{report['method']}** recipe: {'; '.join(parts)}.",
+    p = report["parameters"]
+    summary = [f"`{report['base_model']}` {what} with slimlm's **{name}** recipe: {'; '.join(parts)}.",
                f"Training: {report['steps']} steps, {report['tokens_seen']:,} tokens of `{r['data']['train']}` "
-               f"(seqlen {r['data']['seqlen']}, lr {r['train']['lr']:g}, seed {r['seed']})."]
-    if report["slorb_layers"]:
+               f"(lr {r['train']['lr']:g}, seed {r['seed']})."]
+    if p["targets"]:
+        summary.append(f"Target layers keep {p['target_kept']:,} of {p['target_dense']:,} parameters "
+                       f"({p['target_fraction']:.1%}); the whole model has {p['model_nonzero']:,} non-zero parameters "
+                       f"(dense: {p['model_dense']:,}).")
+    if report.get("slorb_layers"):
         summary.append(f"SLoRB side paths in {report['slorb_layers']} layers ({report['slorb_parameters']:,} "
                        f"parameters, group size {m['slorb']['group_size']}) are stored in `slorb.safetensors`: "
                        "load with `slimlm.load(PATH)`; plain transformers loads the 2:4 part without them.")
-    # the final number describes the exported weights (GMP's best is from its early, denser steps)
-    results = {f"validation perplexity ({r['data']['valid']}, seqlen {r['data']['seqlen']})": report["final_val_ppl"]} \
-        if report["final_val_ppl"] else {}
-    if report["slorb_layers"]:
-        how = "import slimlm\nmodel = slimlm.load(\"PATH\")  # rebuilds the SLoRB side paths"
+    if report.get("lowrank_ranks"):
+        summary.append("Factorized layers (ranks in `config.json` under `slimlm_lowrank`) load with `slimlm.load(PATH)`.")
+    metric = report["validation_metric"]
+    label = {"val_ppl": "validation perplexity", "val_acc": "validation accuracy"}.get(metric)
+    results = {f"{label} ({r['data']['valid']})": report["final_val"]} if report["final_val"] is not None else {}
+    auto = "AutoModelForCausalLM" if report["model_kind"] == "causal-lm" else "AutoModelForSequenceClassification"
+    if report.get("slorb_layers") or report.get("lowrank_ranks"):
+        how = "import slimlm\nmodel = slimlm.load(\"PATH\")"
     else:
-        how = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"PATH\")"
-    return output.model_card(f"{report['base_model']} — {report['method']} {report['sparsity']}", report["base_model"],
-                             summary, results, how, ["slimlm", "sparse-training", report["method"],
-                                                     f"sparsity-{report['sparsity'].replace(':', '-')}"])
+        how = f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"PATH\")"
+    tags = ["slimlm", name] + ([f"sparsity-{report['sparsity'].replace(':', '-')}"] if report["sparsity"] else [])
+    return output.model_card(f"{report['base_model']} — {name}", report["base_model"], summary, results, how, tags)

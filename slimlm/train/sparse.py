@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .. import masked, models, slorb
@@ -17,8 +15,8 @@ from ..data import calibration_windows, load_tokens
 from ..prune import prune
 from ..errors import SlimlmError
 from ..sparsity import nm_mask, parse_sparsity
-from .distill import kd_loss
-from .engine import Hooks, causal_lm_loss
+from .distill import distill_loss, make_teacher
+from .engine import Hooks
 from .schedules import cubic, linear_ramp
 
 
@@ -41,7 +39,10 @@ class SparseTraining(Hooks):
         targets = models.find_targets(model, cfg["include"], cfg["ignore"])
         self.targets, _ = models.target_layers(model, targets, sp.m, skip_indivisible=False)
         if cfg["distill"]["enabled"]:
-            self.teacher = self._teacher(model)
+            self.teacher = make_teacher(model, cfg["distill"])
+        # SLoRB starts from what the mask removes from the *dense* weights, so keep them before a
+        # one-shot pruner zeroes the pruned entries
+        dense = {n: m.weight.detach().clone() for n, m in self.targets.items()} if cfg["slorb"]["enabled"] else {}
         if cfg["init"] in ("wanda", "sparsegpt"):  # one-shot mask (SparseGPT also updates kept weights)
             calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"])
             windows = calibration_windows(calib, cfg["nsamples"], self.recipe["data"]["seqlen"], self.recipe["seed"])
@@ -50,27 +51,12 @@ class SparseTraining(Hooks):
             keep = sp.m if cfg["mask_update"] == "gradual" else sp.n
             mask = masked.magnitude_nm_mask(module, sp.n, sp.m, keep_per_group=keep)
             if cfg["slorb"]["enabled"]:
-                self._add_slorb(name, module, mask)
+                self._add_slorb(name, module, mask, dense.pop(name))
             masked.attach_mask(module, mask, ste=cfg["ste"])
 
-    def _teacher(self, model):
-        """The frozen dense teacher: the starting model itself (default) or another model of the same vocabulary."""
-        d = self.cfg["distill"]
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[d["teacher_dtype"]]
-        if d["teacher"] is None:
-            teacher = copy.deepcopy(model)
-        else:
-            teacher = models.load(d["teacher"], device=str(next(model.parameters()).device)).model
-            t_vocab, s_vocab = teacher.get_output_embeddings().out_features, model.get_output_embeddings().out_features
-            if t_vocab != s_vocab:
-                raise SlimlmError(f"teacher '{d['teacher']}' has a vocabulary of {t_vocab} tokens, the student "
-                                  f"{s_vocab}: distillation compares their token distributions, use a teacher "
-                                  "with the student's tokenizer")
-        return teacher.to(dtype).eval().requires_grad_(False)
-
-    def _add_slorb(self, name, module, mask) -> None:
+    def _add_slorb(self, name, module, mask, dense_weight) -> None:
         k = self.cfg["slorb"]["group_size"]
-        W = masked.as_out_in(module, module.weight.detach())
+        W = masked.as_out_in(module, dense_weight)
         path = slorb.SLoRB(W.shape[0], W.shape[1], k, self.cfg["slorb"]["train_x"]).to(W.device, W.dtype)
         if self.cfg["slorb"]["init"] == "mean":
             path.S.data.copy_(slorb.mean_init(W, masked.as_out_in(module, mask), k))
@@ -93,17 +79,8 @@ class SparseTraining(Hooks):
         d = self.cfg["decay"]
         self.lam = linear_ramp(step, int(d["ramp_fraction"] * self.total_steps), d["lambda_max"])
 
-    def loss(self, model, input_ids):
-        logits = model(input_ids=input_ids, use_cache=False).logits
-        ce = causal_lm_loss(logits, input_ids)
-        if self.teacher is None:
-            return ce, {"ce": ce.item()}
-        d = self.cfg["distill"]
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
-        kl = kd_loss(logits[:, :-1], teacher_logits[:, :-1], d["temperature"], d["kl"])
-        loss = d["alpha"] * kl + (1 - d["alpha"]) * ce
-        return loss, {"ce": ce.item(), "kl": kl.item()}
+    def loss(self, model, batch):
+        return distill_loss(model, self.teacher, batch, self.cfg["distill"])
 
     def after_step(self, step: int) -> dict:
         cfg = self.cfg

@@ -1,0 +1,69 @@
+"""What the engine trains on: a fixed list of examples, any batch of which is a dict of tensors.
+
+- `Windows`: a causal LM's packed, non-overlapping token windows ({"input_ids"}).
+- `Classified`: padded labeled texts ({"input_ids", "attention_mask", "labels"}).
+Validation data also says how it is scored: perplexity for text, accuracy for labeled examples.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data import LabeledExamples, TokenStream, eval_windows
+from ..evaluate import accuracy, perplexity
+
+
+class Windows:
+    metric = "val_ppl"
+
+    def __init__(self, stream: TokenStream, seqlen: int):
+        self.stream, self.seqlen = stream, seqlen
+        self.windows = eval_windows(stream, seqlen)
+        self.source = stream.source
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def get(self, indices: list[int]) -> dict:
+        return {"input_ids": self.windows[indices]}
+
+    def score(self, model, max_batches: int | None) -> float:
+        return perplexity(model, self.stream, self.seqlen, max_windows=max_batches)["perplexity"]
+
+
+class Classified:
+    metric = "val_acc"
+
+    def __init__(self, examples: LabeledExamples):
+        self.examples = examples
+        self.source = examples.source
+
+    def __len__(self) -> int:
+        return len(self.examples.labels)
+
+    def get(self, indices: list[int]) -> dict:
+        e = self.examples
+        return {"input_ids": e.input_ids[indices], "attention_mask": e.attention_mask[indices], "labels": e.labels[indices]}
+
+    def score(self, model, max_batches: int | None) -> float:
+        return accuracy(model, self.examples, max_examples=None)["accuracy"]
+
+
+def as_dataset(data, seqlen: int):
+    if isinstance(data, TokenStream):
+        return Windows(data, seqlen)
+    if isinstance(data, LabeledExamples):
+        return Classified(data)
+    return data
+
+
+def tokens_in(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def labels_or_none(batch: dict) -> torch.Tensor | None:
+    return batch.get("labels")

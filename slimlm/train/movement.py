@@ -1,0 +1,87 @@
+"""Movement pruning (first-order, Sanh et al. 2020) as engine hooks: LPAF's first stage, or a method
+of its own (recipe `movement`).
+
+Every target weight W gets a mask (forward W * M) and a score S that accumulates -W * dL/dW' over the
+steps, where W' = W * M is what the forward used (the straight-through gradient reaches every entry,
+kept or not). The mask keeps the top `keep(t)` fraction of each matrix by score; keep(t) falls from 1
+to method.keep on the cubic schedule of METHODS.md. As in movement pruning, pruned weights get no
+gradient of their own (dL/dW = dL/dW' * M): they stay where they were while their score decides
+whether they come back. Scores and masks are buffers of the mask parametrization, so checkpoints
+carry them and resume needs nothing else.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import masked, models
+from ..sparsity import layer_mask
+from .distill import distill_loss, make_teacher
+from .engine import Hooks
+from .schedules import cubic
+
+
+def scores_of(module) -> torch.Tensor:
+    return module.parametrizations.weight[0].scores
+
+
+class MovementPruning(Hooks):
+    def __init__(self, recipe: dict, total_steps: int | None = None):
+        self.recipe, self.cfg = recipe, recipe["method"]
+        self.mv = self.cfg["movement"]
+        self.total_steps = total_steps or recipe["train"]["steps"]
+        self.teacher = None
+        self.targets: dict = {}
+
+    def setup(self, trainer) -> None:
+        model = trainer.model
+        self.targets = models.find_targets(model, self.cfg["include"], self.cfg["ignore"])
+        if self.cfg["distill"]["enabled"] and self.teacher is None:
+            self.teacher = make_teacher(model, self.cfg["distill"])
+        for module in self.targets.values():
+            weight = masked.dense_weight(module)
+            masked.attach_mask(module, torch.ones_like(weight, dtype=torch.bool), ste=True)
+            module.parametrizations.weight[0].register_buffer("scores", torch.zeros_like(weight, dtype=torch.float32))
+
+    def keep_fraction(self, step: int) -> float:
+        T = self.total_steps
+        return cubic(step, T, 1.0, self.cfg["keep"], int(self.mv["start_fraction"] * T), int(self.mv["hold_fraction"] * T))
+
+    def loss(self, model, batch):
+        return distill_loss(model, self.teacher, batch, self.cfg["distill"])
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        ema = self.mv["ema"]
+        for module in self.targets.values():
+            weight = masked.dense_weight(module)
+            if weight.grad is None:
+                continue
+            movement = -(weight * weight.grad).float()
+            scores = scores_of(module)
+            if ema:
+                scores.mul_(ema).add_(movement, alpha=1 - ema)
+            else:
+                scores.add_(movement)
+            weight.grad.mul_(masked.get_mask(module))
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> dict:
+        keep = self.keep_fraction(step)
+        record = {"keep": keep}
+        if step % self.mv["mask_interval"] and step != self.total_steps:
+            return record
+        flips = total = 0
+        for module in self.targets.values():
+            old = masked.get_mask(module)
+            new = layer_mask(scores_of(module), 1.0 - keep) if keep < 1.0 else torch.ones_like(old)
+            flips += int((new != old).sum())
+            total += old.numel()
+            masked.set_mask(module, new)
+        record["mask_flip_rate"] = flips / total
+        return record
+
+    def export(self, model) -> dict:
+        """Weights M * W with exact zeros (the masks of the last step)."""
+        for module in self.targets.values():
+            masked.bake_mask(module)
+        return {"keep": self.cfg["keep"]}

@@ -1,0 +1,214 @@
+"""LPAF and its parts on tiny models: task fine-tuning, movement pruning, factorization, mixed-rank
+fine-tuning, export/reload, and the errors users get."""
+import json
+import random
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import slimlm
+from slimlm import masked, recipe
+from slimlm.cli import main
+from slimlm.errors import SlimlmError
+from slimlm.factorized import LowRankLinear, MixedRankLinear
+from slimlm.lowrank import rank_for_budget
+from slimlm.train.job import run as train_run
+from slimlm.train.mixed_rank import MixedRankTraining
+from slimlm.train.movement import MovementPruning, scores_of
+
+
+@pytest.fixture(scope="module")
+def brown(tmp_path_factory):
+    """A shuffled slice of the Brown genre task (15 string labels)."""
+    from conftest import DATA
+
+    folder = tmp_path_factory.mktemp("brown")
+    for split, n in (("train", 240), ("test", 60)):
+        rows = (DATA / "brown" / f"{split}.jsonl").read_text().splitlines()
+        random.Random(0).shuffle(rows)
+        (folder / f"{split}.jsonl").write_text("\n".join(rows[:n]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def classifier(model_dirs, brown, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "bert-brown"
+    assert main(["finetune", "--model", str(model_dirs["bert"]), "--data", str(brown / "train.jsonl"),
+                 "--valid", str(brown / "test.jsonl"), "--output", str(out), "train.steps=12",
+                 "train.batch_size=8", "train.lr=1e-3", "train.eval_every=6", "data.max_length=48"]) == 0
+    return out
+
+
+def small(name, model, brown, *overrides):
+    return recipe.resolve(name, [f"model={model}", f"data.train={brown / 'train.jsonl'}",
+                                 f"data.valid={brown / 'test.jsonl'}", "data.max_length=48", "train.batch_size=8",
+                                 "train.steps=12", "train.warmup_steps=2", "train.lr=1e-3", "train.eval_every=6",
+                                 "train.save_every=100", "method.keep=0.25", *overrides])
+
+
+def test_finetune_makes_a_stock_classifier_with_the_data_labels(classifier, brown):
+    report = json.loads((classifier / "report.json").read_text())
+    labels = sorted({json.loads(x)["label"] for x in (brown / "train.jsonl").read_text().splitlines()})
+    assert report["labels"] == labels and report["validation_metric"] == "val_acc"
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(classifier)
+    assert model.config.id2label[0] == labels[0] and model.config.num_labels == len(labels)
+    losses = [json.loads(x)["loss"] for x in (classifier / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_eval_reports_accuracy_of_a_classifier(classifier, brown, tmp_path):
+    out = tmp_path / "acc.json"
+    assert main(["eval", "--model", str(classifier), "--data", str(brown / "test.jsonl"), "--json", str(out),
+                 "--max-length", "48"]) == 0
+    result = json.loads(out.read_text())
+    assert result["examples"] == 60 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["correct"] == round(result["accuracy"] * 60)
+
+
+def test_movement_scores_follow_minus_w_times_grad_by_hand():
+    layer = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
+    model = nn.Sequential(layer)
+    rec = recipe.resolve("movement", ["method.distill.enabled=false", "method.movement.ema=0.0"])
+    hooks = MovementPruning(rec, total_steps=10)
+    hooks.targets = {"0": layer}
+    masked.attach_mask(layer, torch.ones(2, 3, dtype=torch.bool), ste=True)
+    layer.parametrizations.weight[0].register_buffer("scores", torch.zeros(2, 3))
+    masked.set_mask(layer, torch.tensor([[True, True, False], [True, False, True]]))
+    x, c = torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([[1.0, -1.0]])
+    (model(x) * c).sum().backward()
+    # dL/dW' = c^T x = [[1, 2, -1], [-1, -2, 1]]; score = -W * dL/dW'
+    expected = torch.tensor([[-1.0, 4.0, 0.5], [0.0, 6.0, 1.0]])
+    hooks.after_backward(0)
+    assert torch.equal(scores_of(layer), expected)
+    # pruned weights get no gradient of their own (they stay put while their score decides)
+    grad = masked.dense_weight(layer).grad
+    assert torch.equal(grad, torch.tensor([[1.0, 2.0, 0.0], [-1.0, 0.0, 1.0]]))
+    hooks.after_backward(1)
+    assert torch.equal(scores_of(layer), expected + expected * torch.tensor([[1, 1, 0], [1, 0, 1]]))
+
+
+def test_movement_keep_follows_the_cubic_schedule_and_masks_match(classifier, brown, tmp_path):
+    rec = small("movement", classifier, brown, "method.movement.start_fraction=0.25",
+                "method.movement.hold_fraction=0.25")
+    report = train_run(rec, str(tmp_path / "mv"))
+    keeps = [h["keep"] for h in report_history(tmp_path / "mv")]
+    assert keeps[:3] == [1.0, 1.0, 1.0] and keeps[-3:] == [0.25] * 3
+    assert all(a >= b for a, b in zip(keeps, keeps[1:]))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "mv")
+    for name in report["parameters"]["targets"]:
+        w = model.get_submodule(name).weight
+        assert int((w != 0).sum()) == w.numel() - int(w.numel() * 0.75)
+
+
+def report_history(folder):
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_movement_resume_is_bitwise_identical(classifier, brown, tmp_path):
+    from slimlm import data, models
+    from slimlm.train.engine import Trainer
+
+    rec = small("movement", classifier, brown, "train.save_every=5", "method.distill.enabled=true")
+
+    def build(run_dir):
+        loaded = models.load(rec["model"])
+        names = [loaded.model.config.id2label[i] for i in range(loaded.model.config.num_labels)]
+        train = data.load_labeled(loaded.tokenizer, rec["data"]["train"], 48, names)
+        return Trainer(loaded.model, MovementPruning(rec), rec, train, None, run_dir)
+
+    full = build(tmp_path / "full")
+    full.train()
+    part = build(tmp_path / "part")
+    part.train(until=6)
+    resumed = build(tmp_path / "part")
+    resumed.load_checkpoint(str(tmp_path / "part" / "checkpoint-5"))
+    resumed.train()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert any(k.endswith("scores") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_rank_schedule_reaches_pure_low_rank():
+    layers = {f"l{i}": MixedRankLinear(torch.randn(6, 8), torch.ones(6, 8, dtype=torch.bool), None,
+                                       LowRankLinear(8, 6, 4, bias=False)) for i in range(16)}
+    rec = recipe.resolve("lpaf", ["method.lpaf.mixed_fraction=0.5"])
+    hooks = MixedRankTraining(rec, layers, None, total_steps=20)
+    seen = []
+    for step in range(20):
+        hooks.before_forward(step)
+        seen.append(sum(layer.use_lowrank for layer in layers.values()))
+    assert 0 < seen[0] < 16 and seen[10:] == [16] * 10  # a mixture early, only the factors from step 10 on
+    assert sum(seen[:3]) < sum(seen[6:9])
+    rank = MixedRankTraining(recipe.resolve("lpaf", ["method.lpaf.mixed=rank"]), layers, None, total_steps=20)
+    rank.before_forward(0)
+    ranks = [layer.lowrank.active_rank for layer in layers.values()]
+    assert all(layer.use_lowrank for layer in layers.values()) and all(1 <= r <= 4 for r in ranks)
+    rank.before_forward(19)
+    assert all(layer.lowrank.active_rank is None for layer in layers.values())
+
+
+def test_lpaf_end_to_end_exports_factors_that_reload_identically(classifier, brown, tmp_path):
+    out = tmp_path / "lpaf"
+    report = train_run(small("lpaf", classifier, brown), str(out))
+    assert report["reload_check"]["max_abs_output_diff"] == 0.0
+    p = report["parameters"]
+    assert p["target_fraction"] <= 0.25 + 0.02 and p["model_nonzero"] < p["model_dense"]
+    config = json.loads((out / "config.json").read_text())
+    assert set(config["slimlm_lowrank"]) == set(p["targets"]) and "pickle" not in " ".join(x.name for x in out.iterdir())
+    model = slimlm.load(str(out))
+    layer = model.get_submodule(p["targets"][0])
+    assert isinstance(layer, LowRankLinear) and layer.rank == config["slimlm_lowrank"][p["targets"][0]]
+    history = report_history(out)
+    assert history[5]["keep"] < 1 and history[-1]["lowrank_prob"] == 1.0  # pruning, then low-rank
+    assert "slimlm.load" in (out / "README.md").read_text()
+
+
+def test_lpaf_merge_gives_a_stock_checkpoint(classifier, brown, tmp_path):
+    out = tmp_path / "merged"
+    train_run(small("lpaf", classifier, brown, "method.lpaf.merge=true", "method.lpaf.factorization=svd",
+                    "train.steps=6"), str(out))
+    stock = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ours = slimlm.load(str(out))
+    ids = torch.randint(5, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, ours(ids).logits)
+    report = json.loads((out / "report.json").read_text())
+    name = report["parameters"]["targets"][0]
+    weight = stock.get_submodule(name).weight.detach().double()
+    assert torch.linalg.matrix_rank(weight, rtol=1e-5) <= rank_for_budget(*weight.shape, 0.25) < min(weight.shape)
+
+
+def test_lpaf_on_a_decoder_factorizes_the_dense_weights_with_fisher(model_dirs, tmp_path):
+    from conftest import DATA
+
+    text = tmp_path / "t.txt"
+    text.write_text((DATA / "sotu" / "valid.txt").read_text()[:20_000])
+    rec = recipe.resolve("lpaf", [f"model={model_dirs['llama']}", f"data.train={text}", f"data.valid={text}",
+                                  "data.seqlen=32", "data.eval_windows=2", "train.batch_size=2", "train.steps=4",
+                                  "train.eval_every=4", "method.lpaf.prune=none", "method.lpaf.factorization=fisher",
+                                  "method.lpaf.fisher_batches=2", "method.keep=0.5"])
+    report = train_run(rec, str(tmp_path / "out"))
+    assert report["validation_metric"] == "val_ppl" and report["final_val"] > 1
+    assert report["reload_check"]["max_abs_output_diff"] == 0.0
+    assert 0.4 < report["parameters"]["target_fraction"] <= 0.5
+
+
+def test_lpaf_errors_name_the_problem(classifier, brown, model_dirs, tmp_path):
+    with pytest.raises(SlimlmError, match="sparsity-aware needs pruning scores"):
+        train_run(small("lpaf", classifier, brown, "method.lpaf.prune=none"), str(tmp_path / "a"))
+    with pytest.raises(SlimlmError, match="method.keep"):
+        small("lpaf", classifier, brown, "method.keep=1.5")
+    with pytest.raises(SlimlmError, match="trains causal LMs"):
+        train_run(small("ast", classifier, brown), str(tmp_path / "b"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a passage", "label": "no-such-genre"}\n' * 4)
+    with pytest.raises(SlimlmError, match="no-such-genre"):
+        train_run(small("movement", classifier, brown, f"data.valid={bad}"), str(tmp_path / "c"))
+    with pytest.raises(SlimlmError, match="causal LM"):
+        from slimlm.models import load_classifier
+
+        load_classifier(str(model_dirs["llama"]), ["a", "b"])
