@@ -176,14 +176,20 @@ def load_classifier(spec: str, names: list[str], device: str = "cpu") -> LoadedM
 def is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (nn.Linear, Conv1D))
+    from .factorized import LowRankLinear
+
+    return isinstance(module, (nn.Linear, Conv1D, LowRankLinear))
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as (out, in). GPT-2's Conv1D stores (in, out): return a transposed *view*, so
-    in-place edits (masking, copy_) write through to the parameter."""
+    in-place edits (masking, copy_) write through to the parameter. A factorized layer: A @ B."""
+    from .factorized import LowRankLinear
+
     if isinstance(module, nn.Linear):
         return module.weight
+    if isinstance(module, LowRankLinear):
+        return module.merged_weight()
     return module.weight.t()
 
 
@@ -213,13 +219,21 @@ def find_targets(model: nn.Module, include: list[str] | None = None,
     ignore_res = [re.compile(p) for p in (ignore or [])]
     targets = {}
     for name, module in model.named_modules():
-        if not is_linear(module):
+        if not is_linear(module) or _inside_lowrank(name, targets):
             continue
         if any(r.search(name) for r in include_res) and not any(r.search(name) for r in ignore_res):
             targets[name] = module
     if not targets:
         raise SlimlmError("no target layers matched: check the include/ignore patterns")
     return targets
+
+
+def _inside_lowrank(name: str, found: dict) -> bool:
+    """The two thin Linears of a factorized layer are parts of one target, not targets themselves."""
+    from .factorized import LowRankLinear
+
+    parent = name.rpartition(".")[0]
+    return parent in found and isinstance(found[parent], LowRankLinear)
 
 
 def target_layers(model: nn.Module, targets: dict[str, nn.Module], m: int | None,

@@ -212,3 +212,21 @@ def test_lpaf_errors_name_the_problem(classifier, brown, model_dirs, tmp_path):
         from slimlm.models import load_classifier
 
         load_classifier(str(model_dirs["llama"]), ["a", "b"])
+
+
+def test_lpaf_resumed_in_its_fine_tuning_stage_ends_bitwise_equal(classifier, brown, tmp_path):
+    from safetensors.torch import load_file
+
+    rec = small("lpaf", classifier, brown, "train.save_every=3", "method.lpaf.factorization=fisher",
+                "method.lpaf.fisher_batches=2")
+    train_run(rec, str(tmp_path / "full"))
+    train_run(rec, str(tmp_path / "part"))
+    checkpoint = tmp_path / "part.checkpoints" / "finetune" / "checkpoint-3"
+    assert checkpoint.is_dir() and (tmp_path / "part.checkpoints" / "prune" / "checkpoint-6").is_dir()
+    import shutil
+
+    shutil.rmtree(tmp_path / "part")
+    train_run(rec, str(tmp_path / "part"), resume=str(checkpoint))
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

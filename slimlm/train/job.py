@@ -121,48 +121,77 @@ def _best(history: list[dict], metric: str | None):
 def _run_lpaf(loaded, recipe: dict, train, valid, run_dir: Path, resume: str | None):
     """Stage 1: movement pruning (or none); stage 2: factorize, then mixed-rank fine-tuning.
     Each stage has its own checkpoints (run_dir/prune, run_dir/finetune) and schedules."""
-    lp, total = recipe["method"]["lpaf"], recipe["train"]["steps"]
-    prune_steps = int(lp["prune_fraction"] * total) if lp["prune"] == "movement" else 0
+    lp = recipe["method"]["lpaf"]
     if lp["prune"] == "none" and lp["factorization"] == "sparsity-aware":
         raise SlimlmError("method.lpaf.factorization=sparsity-aware needs pruning scores: set method.lpaf.prune=movement "
                           "or choose svd or fisher")
-    model = loaded.model
     resume_stage = Path(resume).parent.name if resume else None
-    teacher = make_teacher(model, recipe["method"]["distill"]) if recipe["method"]["distill"]["enabled"] else None
-    trainers = []
-    if prune_steps:
-        stage1 = _stage_recipe(recipe, prune_steps)
-        pruning = MovementPruning(stage1, prune_steps)
-        pruning.teacher = teacher
-        t1 = Trainer(model, pruning, stage1, train, valid, run_dir / "prune")
-        final1 = run_dir / "prune" / f"checkpoint-{prune_steps}"
-        if resume_stage == "finetune":
-            t1.load_checkpoint(str(final1))  # stage 1 is done: restore its end state
-        else:
-            if resume:
-                t1.load_checkpoint(resume)
-            t1.train()
-            if not final1.exists():
-                t1.save_checkpoint()
-        trainers.append(t1)
-        targets = pruning.targets
+    teacher = make_teacher(loaded.model, recipe["method"]["distill"]) if recipe["method"]["distill"]["enabled"] else None
+    first, targets = lpaf_prune_stage(loaded.model, recipe, teacher, train, valid, run_dir, resume,
+                                      finished=resume_stage == "finetune")
+    second, hooks = lpaf_lowrank_stage(loaded.model, recipe, teacher, targets, train, valid, run_dir,
+                                       resume if resume_stage == "finetune" else None)
+    return [t for t in (first, second) if t is not None], hooks, hooks.export(loaded.model)
+
+
+def lpaf_steps(recipe: dict) -> tuple[int, int]:
+    """(pruning steps, fine-tuning steps) of an LPAF run."""
+    lp, total = recipe["method"]["lpaf"], recipe["train"]["steps"]
+    prune = int(lp["prune_fraction"] * total) if lp["prune"] == "movement" else 0
+    return prune, total - prune
+
+
+def lpaf_prune_stage(model, recipe: dict, teacher, train, valid, run_dir: Path, resume: str | None = None,
+                     finished: bool = False):
+    """Movement pruning to method.keep (or nothing when lpaf.prune=none). Returns (trainer or None,
+    target layers, masked and scored). `finished`: restore the stage's last checkpoint instead of training."""
+    steps, _ = lpaf_steps(recipe)
+    if not steps:
+        return None, models.find_targets(model, recipe["method"]["include"], recipe["method"]["ignore"])
+    stage = _stage_recipe(recipe, steps)
+    pruning = MovementPruning(stage, steps)
+    pruning.teacher = teacher
+    trainer = Trainer(model, pruning, stage, train, valid, run_dir / "prune")
+    last = run_dir / "prune" / f"checkpoint-{steps}"
+    if finished:
+        trainer.load_checkpoint(str(last))
     else:
-        targets = models.find_targets(model, recipe["method"]["include"], recipe["method"]["ignore"])
+        if resume:
+            trainer.load_checkpoint(resume)
+        trainer.train()
+        if not last.exists():
+            trainer.save_checkpoint()  # stage 2 resumes from here
+    return trainer, pruning.targets
+
+
+def lpaf_lowrank_stage(model, recipe: dict, teacher, targets: dict, train, valid, run_dir: Path,
+                       resume: str | None = None):
+    """Factorize the targets at the parameter budget, then mixed-rank fine-tuning. Returns (trainer, hooks)."""
+    layers = lpaf_factorize(model, recipe, targets, train, run_dir)
+    return lpaf_finetune(model, recipe, teacher, layers, train, valid, run_dir, resume)
+
+
+def lpaf_factorize(model, recipe: dict, targets: dict, train, run_dir: Path) -> dict:
+    """Replace the targets by mixed-rank layers initialised by the recipe's factorization."""
+    lp = recipe["method"]["lpaf"]
     fisher = None
-    if lp["factorization"] == "fisher":
-        source = trainers[0] if trainers else Trainer(model, Hooks(), recipe, train, None, run_dir / "fisher")
+    if lp["factorization"] == "fisher":  # squared gradients of the task loss on the first training batches
+        source = Trainer(model, Hooks(), _stage_recipe(recipe, 1), train, None, run_dir / "fisher")
         batches = [source.batch(i) for i in range(lp["fisher_batches"])]
         fisher = fisher_information(model, targets, batches, lambda m, b: distill_loss(m, None, b, recipe["method"]["distill"]))
-    layers = factorize_targets(model, targets, recipe["method"]["keep"], lp["factorization"], lp["svd_iters"], fisher)
-    stage2 = _stage_recipe(recipe, total - prune_steps)
-    hooks = MixedRankTraining(stage2, layers, teacher, total - prune_steps)
+    return factorize_targets(model, targets, recipe["method"]["keep"], lp["factorization"], lp["svd_iters"], fisher)
+
+
+def lpaf_finetune(model, recipe: dict, teacher, layers: dict, train, valid, run_dir: Path, resume: str | None = None):
+    _, steps = lpaf_steps(recipe)
+    stage = _stage_recipe(recipe, steps)
+    hooks = MixedRankTraining(stage, layers, teacher, steps)
     hooks.target_names = list(layers)
-    t2 = Trainer(model, hooks, stage2, train, valid, run_dir / "finetune")
-    if resume_stage == "finetune":
-        t2.load_checkpoint(resume)
-    t2.train()
-    trainers.append(t2)
-    return trainers, hooks, hooks.export(model)
+    trainer = Trainer(model, hooks, stage, train, valid, run_dir / "finetune")
+    if resume:
+        trainer.load_checkpoint(resume)
+    trainer.train()
+    return trainer, hooks
 
 
 def _stage_recipe(recipe: dict, steps: int) -> dict:

@@ -6,16 +6,9 @@ the same number of steps (same tokens). Training uses sotu/train.txt, validation
 sotu/valid.txt is logged during training, and the reported number is perplexity on sotu/test.txt in
 1024-token windows. Also measures the throughput ratio of an AST step to a dense step with the same KD.
 
-    python benchmarks/ast.py --data ../shared/data/sotu --minutes-per-run 15
+    python benchmarks/ast_training.py --data ../shared/data/sotu --minutes-per-run 15
 """
-import sys
-
-# This file is named after the method, which shadows the standard library's `ast` module (imported by
-# torch) while the script's own folder is first on sys.path: take that folder off before any import.
-if sys.path and sys.path[0].endswith("benchmarks"):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
+import argparse
 import copy
 import datetime
 import json
