@@ -37,10 +37,10 @@ def main():
     ap.add_argument("--data", default="../shared/data/brown")
     ap.add_argument("--model", default="minilm-l6")
     ap.add_argument("--budgets", default="0.1,0.2,0.4")
-    ap.add_argument("--teacher-steps", type=int, default=400)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--teacher-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--runs", default="runs/bench-lpaf")
     ap.add_argument("--out", default="benchmarks/results/lpaf")
     ap.add_argument("--decoder-data", default="../shared/data/sotu")
@@ -88,7 +88,9 @@ def main():
         # low-rank rows share the library's LPAF stages: baselines factorize the dense weights and
         # fine-tune the factors for all steps; LPAF prunes for half the steps (one pruning stage
         # shared by its three initialisations), factorizes, then mixed-rank fine-tunes
-        for prune, inits in (("none", ("svd", "fisher")), ("movement", ("svd", "fisher", "sparsity-aware"))):
+        held = ("sparsity-aware", "method.lpaf.pruned_weight=0.1")  # the variant that pins pruned entries
+        for prune, inits in (("none", (("svd",), ("fisher",))),
+                             ("movement", (("svd",), ("fisher",), ("sparsity-aware",), held))):
             rec = spec("lpaf", keep, f"method.lpaf.prune={prune}")
             loaded = models.load(str(teacher_dir))
             train = data.load_labeled(loaded.tokenizer, rec["data"]["train"], args.max_length, names)
@@ -96,9 +98,9 @@ def main():
             start = time.perf_counter()
             _, targets = job.lpaf_prune_stage(loaded.model, rec, teacher, train, None, runs / f"lpaf-{keep}-{prune}")
             prune_seconds = time.perf_counter() - start
-            for init in inits:
+            for init, *extra in inits:
                 model = copy.deepcopy(loaded.model)
-                r = spec("lpaf", keep, f"method.lpaf.prune={prune}", f"method.lpaf.factorization={init}",
+                r = spec("lpaf", keep, f"method.lpaf.prune={prune}", f"method.lpaf.factorization={init}", *extra,
                          *(["method.lpaf.mixed=none"] if prune == "none" else []))
                 start = time.perf_counter()
                 mine = {n: model.get_submodule(n) for n in targets}
@@ -106,9 +108,10 @@ def main():
                 for layer in layers.values():
                     layer.use_lowrank = True
                 init_acc = accuracy(model, test)["accuracy"]
-                _, hooks = job.lpaf_finetune(model, r, teacher, layers, train, None, runs / f"lpaf-{keep}-{prune}-{init}")
+                _, hooks = job.lpaf_finetune(model, r, teacher, layers, train, None,
+                                             runs / f"lpaf-{keep}-{prune}-{init}{'-held' if extra else ''}")
                 hooks.export(model)
-                label = f"{init} + FT" if prune == "none" else f"lpaf ({init} init)"
+                label = f"{init} + FT" if prune == "none" else f"lpaf ({init} init{', pruned entries weighted 0.1' if extra else ''})"
                 fraction = job.parameter_counts(model, dense_params, list(layers))["target_fraction"]
                 add_row(results, args, label, keep, accuracy(model, test)["accuracy"], init_acc,
                         prune_seconds + time.perf_counter() - start, fraction)
@@ -144,7 +147,7 @@ def effective_ranks(targets):
 def speed_ratio(dense, lowrank, batch_size, length, rounds=7):
     """CPU forward time of one batch, dense vs factorized, measured alternately in the same run
     (the machine is shared: the best of several alternating rounds, not absolute times)."""
-    ids = torch.randint(1000, 2000, (batch_size, length))
+    ids = torch.randint(0, dense.config.vocab_size, (batch_size, length))
     times = {"dense": [], "lowrank": []}
     for model in (dense, lowrank):
         model.eval()(input_ids=ids)  # warm-up

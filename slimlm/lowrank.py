@@ -150,14 +150,18 @@ def importance_weights(mask: torch.Tensor, scores: torch.Tensor, floor: float = 
 
 
 def sparsity_aware_svd(W: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, rank: int,
-                       iters: int = 20, floor: float = 0.1) -> Factors:
-    """Factor the pruned matrix mask * W, fitting its kept entries weighted by their importance scores."""
-    return weighted_low_rank(W * mask, importance_weights(mask, scores, floor), rank, iters=iters)
+                       iters: int = 20, floor: float = 0.1, pruned_weight: float = 0.0) -> Factors:
+    """Factor the pruned matrix mask * W, fitting its kept entries weighted by their importance scores.
+    `pruned_weight` > 0 also pulls the pruned entries toward their zeros with that weight (0: free)."""
+    weights = importance_weights(mask, scores, floor)
+    if pruned_weight:
+        weights = torch.where(mask.bool(), weights, torch.full_like(weights, pruned_weight))
+    return weighted_low_rank(W * mask, weights, rank, iters=iters)
 
 
 def factorize(method: str, W: torch.Tensor, rank: int, mask: torch.Tensor | None = None,
               scores: torch.Tensor | None = None, fisher: torch.Tensor | None = None,
-              iters: int = 20) -> Factors:
+              iters: int = 20, pruned_weight: float = 0.0) -> Factors:
     """Factor W (pruned by `mask` when one is given) with one of FACTORIZATIONS."""
     if method not in FACTORIZATIONS:
         raise SlimlmError(f"unknown factorization '{method}': choose one of {', '.join(FACTORIZATIONS)}")
@@ -172,4 +176,4 @@ def factorize(method: str, W: torch.Tensor, rank: int, mask: torch.Tensor | None
     if mask is None or scores is None:
         raise SlimlmError("the 'sparsity-aware' factorization needs the pruning mask and the importance "
                           "scores: run the pruning stage first, or use 'svd'")
-    return sparsity_aware_svd(W, mask, scores, rank, iters=iters)
+    return sparsity_aware_svd(W, mask, scores, rank, iters=iters, pruned_weight=pruned_weight)

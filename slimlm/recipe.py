@@ -45,6 +45,7 @@ DEFAULTS = {
         # lpaf: prune (movement over prune_fraction of the steps, or none: factorize the dense weights),
         # factorize, then mixed-rank fine-tuning for the rest
         "lpaf": {"prune": "movement", "prune_fraction": 0.5, "factorization": "sparsity-aware", "svd_iters": 20,
+                 "pruned_weight": 0.0,
                  "mixed": "probability", "mixed_fraction": 0.5, "fisher_batches": 8, "merge": False},
     },
 }
@@ -161,7 +162,8 @@ def _parse_override(item: str) -> dict:
 # numbers that must lie in a range: key -> (low, high, low inclusive)
 RANGES = {"method.keep": (0.0, 1.0, False), "method.lpaf.prune_fraction": (0.0, 1.0, True),
           "method.lpaf.mixed_fraction": (0.0, 1.0, True), "method.movement.start_fraction": (0.0, 1.0, True),
-          "method.movement.hold_fraction": (0.0, 1.0, True), "method.movement.ema": (0.0, 1.0, True)}
+          "method.movement.hold_fraction": (0.0, 1.0, True), "method.movement.ema": (0.0, 1.0, True),
+          "method.lpaf.pruned_weight": (0.0, 1.0, True)}
 
 
 def resolve(spec: str, overrides: list[str] | None = None) -> dict:

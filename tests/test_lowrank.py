@@ -321,3 +321,16 @@ def test_replace_module():
     assert isinstance(model[1], nn.Identity)
     with pytest.raises(AttributeError):
         replace_module(model, "0.missing", nn.Identity())
+
+
+def test_sparsity_aware_svd_with_pruned_weight_pulls_pruned_entries_toward_zero():
+    from slimlm.lowrank import sparsity_aware_svd
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(48, 40, generator=g)
+    mask = torch.rand(48, 40, generator=g) < 0.2
+    scores = torch.rand(48, 40, generator=g)
+    free = sparsity_aware_svd(W, mask, scores, 6, iters=15)
+    held = sparsity_aware_svd(W, mask, scores, 6, iters=15, pruned_weight=0.5)
+    off = lambda f: float(((f[0] @ f[1])[~mask]) .pow(2).sum())  # noqa: E731
+    assert off(held) < off(free)

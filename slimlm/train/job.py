@@ -179,7 +179,8 @@ def lpaf_factorize(model, recipe: dict, targets: dict, train, run_dir: Path) -> 
         source = Trainer(model, Hooks(), _stage_recipe(recipe, 1), train, None, run_dir / "fisher")
         batches = [source.batch(i) for i in range(lp["fisher_batches"])]
         fisher = fisher_information(model, targets, batches, lambda m, b: distill_loss(m, None, b, recipe["method"]["distill"]))
-    return factorize_targets(model, targets, recipe["method"]["keep"], lp["factorization"], lp["svd_iters"], fisher)
+    return factorize_targets(model, targets, recipe["method"]["keep"], lp["factorization"], lp["svd_iters"], fisher,
+                             lp["pruned_weight"])
 
 
 def lpaf_finetune(model, recipe: dict, teacher, layers: dict, train, valid, run_dir: Path, resume: str | None = None):

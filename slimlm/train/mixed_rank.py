@@ -39,7 +39,7 @@ def fisher_information(model, targets: dict, batches: list[dict], loss_fn) -> di
 
 @torch.no_grad()
 def factorize_targets(model, targets: dict, keep: float, method: str, iters: int,
-                      fisher: dict | None = None) -> dict[str, MixedRankLinear]:
+                      fisher: dict | None = None, pruned_weight: float = 0.0) -> dict[str, MixedRankLinear]:
     """Replace every target by a MixedRankLinear holding its (masked) weight and rank-r factors, with
     r from the parameter budget `keep`. A target pruned by movement brings its mask and scores."""
     layers = {}
@@ -53,7 +53,7 @@ def factorize_targets(model, targets: dict, keep: float, method: str, iters: int
             mask, scores = torch.ones_like(weight, dtype=torch.bool), None
         rank = rank_for_budget(weight.shape[0], weight.shape[1], keep)
         A, B = factorize(method, weight, rank, mask=mask, scores=scores,
-                         fisher=fisher[name] if fisher else None, iters=iters)
+                         fisher=fisher[name] if fisher else None, iters=iters, pruned_weight=pruned_weight)
         layer = MixedRankLinear(weight, mask, bias, LowRankLinear.from_factors(A, B, None))
         layer.original_type = type(module)  # what a merged export writes back
         replace_module(model, name, layer)
