@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import recipe as recipes
 from ..errors import SlimlmError
+from . import distributed
 from .datasets import as_dataset, to_device, tokens_in
 from .optim import AdamW
 from .schedules import warmup_cosine
@@ -102,7 +103,8 @@ class Trainer:
         self.optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg["lr"],
                                betas=self.cfg["betas"], eps=self.cfg["eps"], weight_decay=self.cfg["weight_decay"])
         hooks.configure_optimizer(self.optimizer)
-        self.writer = self._tensorboard() if self.cfg["tensorboard"] else None
+        self.forward_model = distributed.wrap(model)  # DDP under torchrun, the model itself otherwise
+        self.writer = self._tensorboard() if self.cfg["tensorboard"] and distributed.is_main() else None
 
     # -- data: batch i is a pure function of (seed, i), so resuming needs only the step ------------
     def batch(self, index: int) -> dict:
@@ -111,7 +113,7 @@ class Trainer:
         for j in range(index * bs, (index + 1) * bs):
             epoch, pos = divmod(j, n)
             ids.append(int(self._epoch_order(epoch)[pos]))
-        return to_device(self.train_set.get(ids), self.device)
+        return to_device(self.train_set.get(distributed.shard(ids, bs)), self.device)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         """The shuffled example order of one epoch, computed once per epoch."""
@@ -126,7 +128,7 @@ class Trainer:
         cfg, total = self.cfg, self.cfg["steps"]
         stop = min(total, until) if until else total
         self.model.train()
-        bar = tqdm(total=total, initial=self.step, desc="training", unit="step")
+        bar = tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not distributed.is_main())
         while self.step < stop:
             start = time.perf_counter()
             lr = cfg["lr"] * warmup_cosine(self.step, total, cfg["warmup_steps"], cfg["min_lr_ratio"])
@@ -139,7 +141,7 @@ class Trainer:
                 batch = self.batch(self.step * cfg["grad_accum"] + micro)
                 step_tokens += tokens_in(batch)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
-                    loss, parts = self.hooks.loss(self.model, batch)
+                    loss, parts = self.hooks.loss(self.forward_model, batch)
                 if not math.isfinite(loss.item()):
                     raise SlimlmError(f"loss diverged ({loss.item()}) at step {self.step + 1}; the last good "
                                       f"checkpoint is {self.last_checkpoint() or 'none'}: lower train.lr or "
@@ -147,6 +149,8 @@ class Trainer:
                 (loss / cfg["grad_accum"]).backward()
                 for k, v in {"loss": loss.item(), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v / cfg["grad_accum"]
+            sums = distributed.mean_over_ranks(sums)
+            step_tokens = distributed.sum_over_ranks(step_tokens)
             self.hooks.after_backward(self.step)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"] or float("inf"))
             self.optimizer.step()
@@ -157,13 +161,15 @@ class Trainer:
             record = {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens": self.tokens_seen, "tokens_per_s": step_tokens / seconds,
                       **self.hooks.after_step(self.step)}
-            if self.valid is not None and (self.step % cfg["eval_every"] == 0 or self.step == total):
+            if (self.valid is not None and distributed.is_main()
+                    and (self.step % cfg["eval_every"] == 0 or self.step == total)):
                 record[self.valid.metric] = self.evaluate()
             self.log(record)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if self.step % cfg["save_every"] == 0 and self.step < total:
                 self.save_checkpoint()
+            distributed.barrier()  # rank 0 may have evaluated or saved: step together
         bar.close()
         if self.writer:
             self.writer.close()
@@ -177,6 +183,8 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         self.history.append(record)
+        if not distributed.is_main():
+            return
         if self.step % self.cfg["log_every"] == 0 or any(k.startswith("val_") for k in record):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -199,7 +207,11 @@ class Trainer:
         return str(found[-1]) if found else None
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the full state (under DDP every rank holds the same), so a checkpoint
+        resumes on any number of processes."""
         final = self.run_dir / f"checkpoint-{self.step}"
+        if not distributed.is_main():
+            return final
         tmp = self.run_dir / f".checkpoint-{self.step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

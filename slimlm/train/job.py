@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .. import data, models, output, slorb
+from . import distributed
 from ..errors import SlimlmError
 from ..inspect import layer_stats, totals
 from .distill import distill_loss, make_teacher
@@ -32,10 +33,10 @@ def checkpoint_dir(output_dir: str) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
-def load_model_and_data(recipe: dict):
+def load_model_and_data(recipe: dict, device: str = "cpu"):
     """The model and its training/validation data: text for a causal LM, labeled examples otherwise."""
     d = recipe["data"]
-    probe = models.load(recipe["model"], device=recipe["train"]["device"])
+    probe = models.load(recipe["model"], device=device)
     if probe.kind == "causal-lm":
         train = data.load_tokens(probe.tokenizer, d["train"])
         valid = data.load_tokens(probe.tokenizer, d["valid"]) if d["valid"] else None
@@ -45,7 +46,7 @@ def load_model_and_data(recipe: dict):
                           "trains causal LMs; use movement or lpaf for encoders")
     names = (data.label_names(data.read_labeled(d["train"])[1]) if probe.kind != "sequence-classification"
              else [probe.model.config.id2label[i] for i in range(probe.model.config.num_labels)])
-    loaded = models.load_classifier(recipe["model"], names, device=recipe["train"]["device"]) \
+    loaded = models.load_classifier(recipe["model"], names, device=device) \
         if probe.kind != "sequence-classification" else probe
     train = data.load_labeled(loaded.tokenizer, d["train"], d["max_length"], names)
     valid = data.load_labeled(loaded.tokenizer, d["valid"], d["max_length"], names) if d["valid"] else None
@@ -57,13 +58,17 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
     if not recipe["data"]["train"]:
         raise SlimlmError("the recipe has no training data: set data.train=FILE")
     start = time.perf_counter()
-    loaded, train, valid = load_model_and_data(recipe)
+    device = distributed.init(recipe["train"]["device"])  # joins torchrun's process group, if any
+    loaded, train, valid = load_model_and_data(recipe, device)
     run_dir = checkpoint_dir(output_dir)
     if not resume and run_dir.exists():
         if not overwrite:
             raise SlimlmError(f"{run_dir} exists from an earlier run: pass --resume {run_dir}/checkpoint-N "
                               "to continue it, or --overwrite to start over")
-        shutil.rmtree(run_dir)
+        distributed.barrier()  # every rank has seen the old folder before rank 0 removes it
+        if distributed.is_main():
+            shutil.rmtree(run_dir)
+    distributed.barrier()
     dense_params = {n: p.numel() for n, p in loaded.model.named_parameters()}
     name = recipe["method"]["name"]
     if name == "lpaf":
@@ -105,9 +110,13 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
             (folder / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             plot_curves(history, folder / "training_curves.png", title=f"{name} on {recipe['model']}")
 
+    if not distributed.is_main():  # rank 0 publishes; the others wait for it
+        distributed.barrier()
+        return report
     probe = trainers[0].train_set.get([0])["input_ids"][:, :64].to(trainers[0].device)
     output.publish(loaded, out_path, overwrite, recipe, report, _card(report), report["parameters"]["targets"],
                    getattr(hooks, "sparsity", None) if name in SPARSE else None, probe, extra_save=save_extras)
+    distributed.barrier()
     return report
 
 
@@ -161,6 +170,7 @@ def lpaf_prune_stage(model, recipe: dict, teacher, train, valid, run_dir: Path, 
         trainer.train()
         if not last.exists():
             trainer.save_checkpoint()  # stage 2 resumes from here
+    trainer.forward_model = model  # drop stage 1's DDP wrapper (its gradient hooks) before the model changes
     return trainer, pruning.targets
 
 
