@@ -6,8 +6,6 @@ Validation data also says how it is scored: perplexity for text, accuracy for la
 """
 from __future__ import annotations
 
-import torch
-
 from ..data import LabeledExamples, TokenStream, eval_windows
 from ..evaluate import accuracy, perplexity
 
@@ -45,7 +43,8 @@ class Classified:
         return {"input_ids": e.input_ids[indices], "attention_mask": e.attention_mask[indices], "labels": e.labels[indices]}
 
     def score(self, model, max_batches: int | None) -> float:
-        return accuracy(model, self.examples, max_examples=None)["accuracy"]
+        """Accuracy over every validation example (max_batches limits text windows only)."""
+        return accuracy(model, self.examples)["accuracy"]
 
 
 def as_dataset(data, seqlen: int):
@@ -63,7 +62,3 @@ def tokens_in(batch: dict) -> int:
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def labels_or_none(batch: dict) -> torch.Tensor | None:
-    return batch.get("labels")
