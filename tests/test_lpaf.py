@@ -230,3 +230,20 @@ def test_lpaf_resumed_in_its_fine_tuning_stage_ends_bitwise_equal(classifier, br
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inspect_plots_spectra_and_counts_factor_weights(classifier, brown, tmp_path, capsys):
+    out = tmp_path / "lpaf"
+    train_run(small("lpaf", classifier, brown, "method.lpaf.factorization=svd", "train.steps=4"), str(out))
+    png = tmp_path / "spectra.png"
+    assert main(["inspect", str(classifier), str(out), "--labels", "dense,lpaf", "--spectra", str(png),
+                 "--json", str(tmp_path / "layers.json")]) == 0
+    assert png.stat().st_size > 10_000
+    layers = json.loads((tmp_path / "layers.json").read_text())
+    dense, lowrank = (x["layers"] for x in layers)
+    assert len(dense) == len(lowrank)  # a factorized layer is one target, not its two thin parts
+    for d, low in zip(dense, lowrank):
+        assert low["rank"] == low["effective_rank"] or low["rank"] < d["rank"]
+        assert low["stored"] < d["stored"] and low["rank"] <= rank_for_budget(*d["shape"], 0.25)
+    assert main(["inspect", str(out), "--labels", "a,b"]) == 2
+    assert "--labels has 2 names for 1 models" in capsys.readouterr().err
