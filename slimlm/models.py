@@ -116,6 +116,10 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
         slorb.load_into(model, Path(location))
         if getattr(config, "slimlm_lowrank", None):
             model = _rebuild_lowrank(model, Path(location), config.slimlm_lowrank)
+        if getattr(config, "slimlm_quant", None):
+            from . import quantize  # packed codes written by `slimlm quantize`
+
+            quantize.load_into(model, Path(location), config.slimlm_quant)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, kind=kind)
 

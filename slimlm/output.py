@@ -64,14 +64,17 @@ def _verify(original: LoadedModel, folder: Path, probe: torch.Tensor, target_nam
 
 
 def publish(loaded: LoadedModel, output: Path, overwrite: bool, settings: dict, report: dict, card: str,
-            target_names: list[str], sparsity: Sparsity | None, probe: torch.Tensor, extra_save=None) -> None:
+            target_names: list[str], sparsity: Sparsity | None, probe: torch.Tensor, extra_save=None,
+            drop: list[str] | None = None) -> None:
     """Save, verify by reloading, then move into place. `report` gains the verification result.
-    `extra_save(folder)` writes what the model needs beside its checkpoint (e.g. SLoRB tensors)."""
+    `extra_save(folder)` writes what the model needs beside its checkpoint (e.g. SLoRB tensors,
+    quantized codes); `drop` names state-dict entries that extra_save stores instead."""
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         # SLoRB side paths are saved by their owner (extra_save), never inside the stock checkpoint
-        state = {k: v for k, v in loaded.model.state_dict().items() if ".slorb." not in k}
+        dropped = set(drop or [])
+        state = {k: v for k, v in loaded.model.state_dict().items() if ".slorb." not in k and k not in dropped}
         loaded.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         if extra_save is not None:

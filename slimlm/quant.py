@@ -203,8 +203,7 @@ def pack_24(codes: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     pos = key.topk(2, dim=-1).indices.sort(dim=-1).values
     values = groups.gather(-1, pos).reshape(out, width // 2)
     if bits == 4:
-        nibbles = (values.to(torch.int16) & 0xF).to(torch.uint8).reshape(out, width // 4, 2)
-        values = nibbles[..., 0] | (nibbles[..., 1] << 4)
+        values = _to_nibbles(values)
 
     fields = pos.reshape(out, width // 2).to(torch.uint8)
     pad = -fields.shape[1] % 4
@@ -231,8 +230,7 @@ def unpack_24(packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.
                          f"fit shape {tuple(shape)}: expected {expected_values} / {expected_positions}")
 
     if values.dtype == torch.uint8:
-        nibbles = torch.stack([values & 0xF, values >> 4], dim=-1).reshape(out, width // 2).to(torch.int16)
-        values = torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+        values = _from_nibbles(values)
     p = positions.to(torch.int64)
     fields = torch.stack([(p >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(out, -1)[:, : width // 2]
 
@@ -244,3 +242,28 @@ def unpack_24(packed: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.
 def packed_bytes(packed: dict[str, torch.Tensor]) -> int:
     """Storage size of the packed tensors in bytes."""
     return sum(t.numel() * t.element_size() for t in packed.values())
+
+
+def _to_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """int8 4-bit codes (rows of even length) -> uint8, two per byte, the earlier in the low nibble."""
+    nibbles = (values.to(torch.int16) & 0xF).to(torch.uint8).reshape(values.shape[0], -1, 2)
+    return nibbles[..., 0] | (nibbles[..., 1] << 4)
+
+
+def _from_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int16)
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+
+
+def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of a dense (not 2:4) matrix: int8 as they are for 8 bits, two per byte for 4 bits."""
+    _check_bits(bits)
+    if bits == 8:
+        return codes.to(torch.int8).contiguous()
+    if codes.shape[1] % 2:
+        raise SlimlmError(f"input width {codes.shape[1]} is odd: 4-bit codes are stored two per byte")
+    return _to_nibbles(codes).contiguous()
+
+
+def unpack_dense(values: torch.Tensor) -> torch.Tensor:
+    return values if values.dtype == torch.int8 else _from_nibbles(values)

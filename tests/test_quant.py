@@ -220,3 +220,14 @@ def test_packing_rejects_codes_that_are_not_24():
         pack_24(torch.tensor([[20, 0, 0, 0]], dtype=torch.int8), 4)
     with pytest.raises(SlimlmError, match="bit width 3"):
         pack_24(torch.zeros(2, 8, dtype=torch.int8), 3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_codes_pack_and_unpack_exactly(bits):
+    from slimlm.quant import pack_dense, unpack_dense
+
+    W = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
+    codes, _ = rtn(W, bits, group_size=None)
+    packed = pack_dense(codes, bits)
+    assert packed.numel() * packed.element_size() == W.numel() * bits // 8
+    assert torch.equal(unpack_dense(packed), codes)
