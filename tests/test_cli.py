@@ -60,8 +60,9 @@ def test_inspect_reports_every_field(model_dirs, text_file, tmp_path):
     info = json.loads(js.read_text())
     assert len(info["layers"]) == 14
     for layer in info["layers"]:
-        assert set(layer) == {"name", "shape", "sparsity", "valid_2_4", "valid_4_8", "rank", "effective_rank"}
+        assert set(layer) == {"name", "shape", "stored", "sparsity", "valid_2_4", "valid_4_8", "rank", "effective_rank"}
         assert layer["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert layer["stored"] == round(layer["shape"][0] * layer["shape"][1] * (1 - layer["sparsity"]))
         assert 1 <= layer["effective_rank"] <= layer["rank"] <= min(layer["shape"])
     t = info["totals"]
     assert t["target_nonzero"] == pytest.approx(t["target_parameters"] / 2, rel=0.01)
