@@ -81,7 +81,10 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
             trainers[0].load_checkpoint(resume)
         trainers[0].train()
         extras = hooks.export(loaded.model)
-    history = [h for t in trainers for h in t.history]
+    history, offset = [], 0  # LPAF's two stages each count from 1: number the steps of the whole run
+    for t in trainers:
+        history += [{**h, "step": h["step"] + offset} for h in t.history]
+        offset += t.step
     metric = trainers[-1].valid.metric if trainers[-1].valid is not None else None
     report = {
         "command": "finetune" if name == "finetune" else "train", "method": name,
