@@ -45,7 +45,15 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/lpaf")
     ap.add_argument("--decoder-data", default="../shared/data/sotu")
     ap.add_argument("--decoder-steps", type=int, default=0, help="steps of the smollm2-135m row (0: skip it)")
+    ap.add_argument("--decoder-svd-iters", type=int, default=20, help="EM rounds of the decoder's sparsity-aware SVD")
+    ap.add_argument("--decoder-only", action="store_true", help="run only the decoder row, into OUT_decoder.json")
     args = ap.parse_args()
+    if args.decoder_only:
+        results = {"meta": {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}}
+        decoder_row(results, args)
+        json.dump(results, open(args.out + "_decoder.json", "w"), indent=2)
+        return
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -174,7 +182,8 @@ def decoder_row(results, args):
     rec = recipe.resolve("lpaf", [f"data.train={dd}/train.txt", f"data.valid={dd}/valid.txt", "method.keep=0.5",
                                   f"train.steps={args.decoder_steps}", "train.batch_size=4", "train.lr=2e-4",
                                   "train.warmup_steps=2", "train.eval_every=100000", "train.save_every=100000",
-                                  "data.seqlen=256", "method.distill.alpha=0.67"])
+                                  "data.seqlen=256", "method.distill.alpha=0.67",
+                                  f"method.lpaf.svd_iters={args.decoder_svd_iters}"])
     start = time.perf_counter()
     job.run(rec, str(out), overwrite=True)
     loaded = models.load(str(out))
