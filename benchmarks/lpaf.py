@@ -112,7 +112,7 @@ def main():
                          *(["method.lpaf.mixed=none"] if prune == "none" else []))
                 start = time.perf_counter()
                 mine = {n: model.get_submodule(n) for n in targets}
-                layers = job.lpaf_factorize(model, r, mine, train, runs / f"lpaf-{keep}-{init}")
+                layers = job.lpaf_factorize(model, r, mine, train)
                 for layer in layers.values():
                     layer.use_lowrank = True
                 init_acc = accuracy(model, test)["accuracy"]

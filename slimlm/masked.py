@@ -77,6 +77,17 @@ def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
     get_mask(module).copy_(mask)
 
 
+def refresh_masks(targets: dict[str, nn.Module], new_mask) -> float:
+    """Set every target's mask to new_mask(module); returns the fraction of mask entries that flipped."""
+    flips = total = 0
+    for module in targets.values():
+        old, new = get_mask(module), new_mask(module)
+        flips += int((new != old).sum())
+        total += old.numel()
+        set_mask(module, new)
+    return flips / total
+
+
 def bake_mask(module: nn.Module) -> None:
     """Replace the parametrization by the plain weight mask * W, with exact zeros."""
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

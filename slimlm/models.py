@@ -92,19 +92,40 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return plain.eval()
 
 
-def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a model and its tokenizer. Errors name the model and what to do."""
+def inspect_config(spec: str):
+    """(config, kind) of a model without loading its weights."""
+    import transformers
+
+    location, gguf_file = resolve(spec)
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
+    return config, _model_class(config)[1]
+
+
+def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[str] | None = None) -> LoadedModel:
+    """Load a model and its tokenizer. Errors name the model and what to do. `labels`: put a fresh
+    sequence-classification head for these classes on a plain encoder (for `slimlm finetune`)."""
     import transformers
 
     if dtype not in DTYPES:
         raise SlimlmError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     location, gguf_file = resolve(spec)
+    config, kind = inspect_config(spec)
+    cls = _model_class(config)[0]
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if labels is not None:
+        if kind != "encoder":
+            raise SlimlmError(f"model '{spec}' is a {kind} model: a new classification head goes on a plain "
+                              "encoder (BERT-like)")
+        cls, kind = transformers.AutoModelForSequenceClassification, "sequence-classification"
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={n: i for i, n in enumerate(labels)})
     try:
-        config = transformers.AutoConfig.from_pretrained(location, **kwargs)
-        cls, kind = _model_class(config)
         model = cls.from_pretrained(location, dtype=DTYPES[dtype], **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
@@ -152,26 +173,6 @@ def _rebuild_lowrank(model: nn.Module, folder: Path, ranks: dict) -> nn.Module:
             raise SlimlmError(f"{folder}: config lists low-rank layer {name} but the checkpoint lacks {err}") from None
         replace_module(model, name, layer)
     return model
-
-
-def load_classifier(spec: str, names: list[str], device: str = "cpu") -> LoadedModel:
-    """An encoder with a sequence-classification head for these labels: a fresh head on a plain
-    encoder, or the model's own head when it was fine-tuned already (its labels must match)."""
-    import transformers
-
-    loaded = load(spec, device=device)
-    if loaded.kind == "sequence-classification":
-        known = [loaded.model.config.id2label[i] for i in range(loaded.model.config.num_labels)]
-        if known != list(names):
-            raise SlimlmError(f"model '{spec}' classifies into {known[:10]}, the data has labels {list(names)[:10]}")
-        return loaded
-    if loaded.kind == "causal-lm":
-        raise SlimlmError(f"model '{spec}' is a causal LM: classification fine-tuning needs an encoder (BERT-like)")
-    location, _ = resolve(spec)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        location, num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)})
-    return LoadedModel(model=model.to(device), tokenizer=loaded.tokenizer, source=spec, kind="sequence-classification")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,15 +24,18 @@ DEFAULTS = {
 }
 
 
-def resolve_settings(**given) -> dict:
-    unknown = set(given) - set(DEFAULTS)
+def resolve_settings(defaults: dict = DEFAULTS, **given) -> dict:
+    """`defaults` updated with the given settings that are not None (also used by quantize.py)."""
+    unknown = set(given) - set(defaults)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}")
-    settings = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
-    return settings
+    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
 
 
-def _evaluate(loaded, stream, settings) -> dict:
+def evaluate(loaded, stream, settings) -> dict:
+    """Perplexity with the job's evaluation settings (also used by quantize.py)."""
+    if loaded.kind != "causal-lm":
+        raise SlimlmError("perplexity needs a causal language model")
     return perplexity(loaded.model, stream, settings["eval_seqlen"] or settings["seqlen"],
                       max_windows=settings["eval_windows"])
 
@@ -59,16 +62,14 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     evaluation = {}
     eval_stream = data.load_tokens(loaded.tokenizer, settings["eval"]) if settings["eval"] else None
     if eval_stream is not None and settings["eval_dense"]:
-        if loaded.kind != "causal-lm":
-            raise SlimlmError("perplexity needs a causal language model")
-        evaluation["dense"] = _evaluate(loaded, eval_stream, settings)
+        evaluation["dense"] = evaluate(loaded, eval_stream, settings)
 
     start = time.perf_counter()
     prune(loaded.model, targets, settings["method"], sparsity, windows, settings["blocksize"], settings["percdamp"])
     prune_seconds = time.perf_counter() - start
 
     if eval_stream is not None:
-        evaluation["pruned"] = _evaluate(loaded, eval_stream, settings)
+        evaluation["pruned"] = evaluate(loaded, eval_stream, settings)
 
     layers = layer_stats(targets, ranks=False)
     report = {

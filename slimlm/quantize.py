@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import data, models, output, quant
+from . import data, models, oneshot, output, quant
 from .errors import SlimlmError
-from .evaluate import perplexity
 from .prune.blockwise import prune_blockwise
 from .sparsity import is_valid_nm
 
@@ -31,10 +30,7 @@ METHODS = ("rtn", "gptq")
 
 
 def resolve_settings(**given) -> dict:
-    unknown = set(given) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}")
-    return {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    return oneshot.resolve_settings(DEFAULTS, **given)
 
 
 def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) -> dict:
@@ -51,7 +47,7 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     evaluation = {}
     eval_stream = data.load_tokens(loaded.tokenizer, settings["eval"]) if settings["eval"] else None
     if eval_stream is not None and settings["eval_dense"]:
-        evaluation["before"] = _evaluate(loaded, eval_stream, settings)
+        evaluation["before"] = oneshot.evaluate(loaded, eval_stream, settings)
 
     @torch.no_grad()
     def quantize_layer(name, module, stats=None):
@@ -85,7 +81,7 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
             quantize_layer(name, module)
     seconds = time.perf_counter() - start
     if eval_stream is not None:
-        evaluation["quantized"] = _evaluate(loaded, eval_stream, settings)
+        evaluation["quantized"] = oneshot.evaluate(loaded, eval_stream, settings)
 
     tensors, kinds = pack(layers, settings["bits"], group)
     report = {
@@ -107,13 +103,6 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
                        probe.to(next(loaded.model.parameters()).device), extra_save=save_codes,
                        drop=[f"{name}.weight" for name in targets])
     return report
-
-
-def _evaluate(loaded, stream, settings) -> dict:
-    if loaded.kind != "causal-lm":
-        raise SlimlmError("--eval measures perplexity, which needs a causal language model")
-    return perplexity(loaded.model, stream, settings["eval_seqlen"] or settings["seqlen"],
-                      max_windows=settings["eval_windows"])
 
 
 def pack(layers: dict, bits: int, group: int | None) -> tuple[dict, dict]:

@@ -208,10 +208,10 @@ def test_lpaf_errors_name_the_problem(classifier, brown, model_dirs, tmp_path):
     bad.write_text('{"text": "a passage", "label": "no-such-genre"}\n' * 4)
     with pytest.raises(SlimlmError, match="no-such-genre"):
         train_run(small("movement", classifier, brown, f"data.valid={bad}"), str(tmp_path / "c"))
-    with pytest.raises(SlimlmError, match="causal LM"):
-        from slimlm.models import load_classifier
+    with pytest.raises(SlimlmError, match="causal-lm model: a new classification head goes on a plain encoder"):
+        from slimlm.models import load
 
-        load_classifier(str(model_dirs["llama"]), ["a", "b"])
+        load(str(model_dirs["llama"]), labels=["a", "b"])
 
 
 def test_lpaf_resumed_in_its_fine_tuning_stage_ends_bitwise_equal(classifier, brown, tmp_path):

@@ -6,6 +6,8 @@ Validation data also says how it is scored: perplexity for text, accuracy for la
 """
 from __future__ import annotations
 
+import torch
+
 from ..data import LabeledExamples, TokenStream, eval_windows
 from ..evaluate import accuracy, perplexity
 
@@ -53,6 +55,13 @@ def as_dataset(data, seqlen: int):
     if isinstance(data, LabeledExamples):
         return Classified(data)
     return data
+
+
+def sample_batches(dataset, count: int, batch_size: int, seed: int, device) -> list[dict]:
+    """`count` batches of distinct examples drawn with the seed (e.g. for Fisher information)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [to_device(dataset.get(order[i * batch_size:(i + 1) * batch_size]), device)
+            for i in range(min(count, len(dataset) // batch_size))]
 
 
 def tokens_in(batch: dict) -> int:

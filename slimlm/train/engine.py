@@ -161,15 +161,17 @@ class Trainer:
             record = {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens": self.tokens_seen, "tokens_per_s": step_tokens / seconds,
                       **self.hooks.after_step(self.step)}
-            if (self.valid is not None and distributed.is_main()
-                    and (self.step % cfg["eval_every"] == 0 or self.step == total)):
+            evaluating = self.valid is not None and (self.step % cfg["eval_every"] == 0 or self.step == total)
+            saving = self.step % cfg["save_every"] == 0 and self.step < total
+            if evaluating and distributed.is_main():
                 record[self.valid.metric] = self.evaluate()
             self.log(record)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if self.step % cfg["save_every"] == 0 and self.step < total:
+            if saving:
                 self.save_checkpoint()
-            distributed.barrier()  # rank 0 may have evaluated or saved: step together
+            if evaluating or saving:
+                distributed.barrier()  # rank 0 evaluated or saved alone: step on together
         bar.close()
         if self.writer:
             self.writer.close()

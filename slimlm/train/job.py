@@ -18,6 +18,7 @@ from . import distributed
 from ..errors import SlimlmError
 from ..inspect import layer_stats, totals
 from .distill import distill_loss, make_teacher
+from .datasets import as_dataset, sample_batches
 from .engine import Hooks, Trainer
 from .mixed_rank import MixedRankTraining, factorize_targets, fisher_information
 from .movement import MovementPruning
@@ -34,20 +35,24 @@ def checkpoint_dir(output_dir: str) -> Path:
 
 
 def load_model_and_data(recipe: dict, device: str = "cpu"):
-    """The model and its training/validation data: text for a causal LM, labeled examples otherwise."""
+    """The model and its training/validation data: text for a causal LM, labeled examples otherwise
+    (a plain encoder gets a fresh head for the training data's labels). The model is loaded once."""
     d = recipe["data"]
-    probe = models.load(recipe["model"], device=device)
-    if probe.kind == "causal-lm":
-        train = data.load_tokens(probe.tokenizer, d["train"])
-        valid = data.load_tokens(probe.tokenizer, d["valid"]) if d["valid"] else None
-        return probe, train, valid
+    config, kind = models.inspect_config(recipe["model"])
+    if kind == "causal-lm":
+        loaded = models.load(recipe["model"], device=device)
+        train = data.load_tokens(loaded.tokenizer, d["train"])
+        valid = data.load_tokens(loaded.tokenizer, d["valid"]) if d["valid"] else None
+        return loaded, train, valid
     if recipe["method"]["name"] in SPARSE:
-        raise SlimlmError(f"model '{recipe['model']}' is a {probe.kind} model: the {recipe['method']['name']} recipe "
+        raise SlimlmError(f"model '{recipe['model']}' is a {kind} model: the {recipe['method']['name']} recipe "
                           "trains causal LMs; use movement or lpaf for encoders")
-    names = (data.label_names(data.read_labeled(d["train"])[1]) if probe.kind != "sequence-classification"
-             else [probe.model.config.id2label[i] for i in range(probe.model.config.num_labels)])
-    loaded = models.load_classifier(recipe["model"], names, device=device) \
-        if probe.kind != "sequence-classification" else probe
+    if kind == "sequence-classification":
+        names = [config.id2label[i] for i in range(config.num_labels)]
+        loaded = models.load(recipe["model"], device=device)
+    else:
+        names = data.label_names(data.read_labeled(d["train"])[1])
+        loaded = models.load(recipe["model"], device=device, labels=names)
     train = data.load_labeled(loaded.tokenizer, d["train"], d["max_length"], names)
     valid = data.load_labeled(loaded.tokenizer, d["valid"], d["max_length"], names) if d["valid"] else None
     return loaded, train, valid
@@ -95,7 +100,6 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
         "seconds": time.perf_counter() - start, "final": history[-1] if history else {},
         "validation_metric": metric,
         "best_val": _best(history, metric), "final_val": next((h[metric] for h in reversed(history) if metric in h), None),
-        "final_val_ppl": next((h["val_ppl"] for h in reversed(history) if "val_ppl" in h), None),
         "parameters": parameter_counts(loaded.model, dense_params, getattr(hooks, "target_names", None)
                                        or list(getattr(hooks, "targets", {}))),
         "resumed_from": resume, **extras, "versions": output.versions(),
@@ -180,17 +184,17 @@ def lpaf_prune_stage(model, recipe: dict, teacher, train, valid, run_dir: Path, 
 def lpaf_lowrank_stage(model, recipe: dict, teacher, targets: dict, train, valid, run_dir: Path,
                        resume: str | None = None):
     """Factorize the targets at the parameter budget, then mixed-rank fine-tuning. Returns (trainer, hooks)."""
-    layers = lpaf_factorize(model, recipe, targets, train, run_dir)
+    layers = lpaf_factorize(model, recipe, targets, train)
     return lpaf_finetune(model, recipe, teacher, layers, train, valid, run_dir, resume)
 
 
-def lpaf_factorize(model, recipe: dict, targets: dict, train, run_dir: Path) -> dict:
+def lpaf_factorize(model, recipe: dict, targets: dict, train) -> dict:
     """Replace the targets by mixed-rank layers initialised by the recipe's factorization."""
     lp = recipe["method"]["lpaf"]
     fisher = None
-    if lp["factorization"] == "fisher":  # squared gradients of the task loss on the first training batches
-        source = Trainer(model, Hooks(), _stage_recipe(recipe, 1), train, None, run_dir / "fisher")
-        batches = [source.batch(i) for i in range(lp["fisher_batches"])]
+    if lp["factorization"] == "fisher":  # squared gradients of the task loss on seeded training batches
+        batches = sample_batches(as_dataset(train, recipe["data"]["seqlen"]), lp["fisher_batches"],
+                                 recipe["train"]["batch_size"], recipe["seed"], next(model.parameters()).device)
         fisher = fisher_information(model, targets, batches, lambda m, b: distill_loss(m, None, b, recipe["method"]["distill"]))
     return factorize_targets(model, targets, recipe["method"]["keep"], lp["factorization"], lp["svd_iters"], fisher,
                              lp["pruned_weight"])

@@ -70,14 +70,7 @@ class MovementPruning(Hooks):
         record = {"keep": keep}
         if step % self.mv["mask_interval"] and step != self.total_steps:
             return record
-        flips = total = 0
-        for module in self.targets.values():
-            old = masked.get_mask(module)
-            new = layer_mask(scores_of(module), 1.0 - keep) if keep < 1.0 else torch.ones_like(old)
-            flips += int((new != old).sum())
-            total += old.numel()
-            masked.set_mask(module, new)
-        record["mask_flip_rate"] = flips / total
+        record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: layer_mask(scores_of(m), 1.0 - keep))
         return record
 
     def export(self, model) -> dict:

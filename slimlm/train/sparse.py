@@ -42,8 +42,10 @@ class SparseTraining(Hooks):
             self.teacher = make_teacher(model, cfg["distill"])
         # SLoRB starts from what the mask removes from the *dense* weights, so keep them before a
         # one-shot pruner zeroes the pruned entries
-        dense = {n: m.weight.detach().clone() for n, m in self.targets.items()} if cfg["slorb"]["enabled"] else {}
-        if cfg["init"] in ("wanda", "sparsegpt"):  # one-shot mask (SparseGPT also updates kept weights)
+        one_shot = cfg["init"] in ("wanda", "sparsegpt")
+        dense = ({n: m.weight.detach().clone() for n, m in self.targets.items()}
+                 if cfg["slorb"]["enabled"] and one_shot else {})
+        if one_shot:  # one-shot mask (SparseGPT also updates kept weights)
             calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"])
             windows = calibration_windows(calib, cfg["nsamples"], self.recipe["data"]["seqlen"], self.recipe["seed"])
             prune(model, self.targets, cfg["init"], sp, windows)
@@ -51,7 +53,7 @@ class SparseTraining(Hooks):
             keep = sp.m if cfg["mask_update"] == "gradual" else sp.n
             mask = masked.magnitude_nm_mask(module, sp.n, sp.m, keep_per_group=keep)
             if cfg["slorb"]["enabled"]:
-                self._add_slorb(name, module, mask, dense.pop(name))
+                self._add_slorb(name, module, mask, dense.pop(name, module.weight.detach()))
             masked.attach_mask(module, mask, ste=cfg["ste"])
 
     def _add_slorb(self, name, module, mask, dense_weight) -> None:
@@ -94,17 +96,10 @@ class SparseTraining(Hooks):
             ramp = int(cfg["gradual_fraction"] * self.total_steps)
             pruned = round(cubic(step, self.total_steps, 0.0, sp.m - sp.n, 0, self.total_steps - ramp))
             record["pruned_per_group"] = pruned
-        flips, total = 0, 0
-        for module in self.targets.values():
-            old = masked.get_mask(module)
-            if cfg["mask_update"] == "adaptive":
-                new = masked.magnitude_nm_mask(module, sp.n, sp.m)
-            else:
-                new = _masked_magnitude_mask(module, sp.m - pruned, sp.m)
-            flips += int((new != old).sum())
-            total += old.numel()
-            masked.set_mask(module, new)
-        record["mask_flip_rate"] = flips / total
+        if cfg["mask_update"] == "adaptive":
+            record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: masked.magnitude_nm_mask(m, sp.n, sp.m))
+        else:
+            record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: _masked_magnitude_mask(m, sp.m - pruned, sp.m))
         return record
 
     # -- export ------------------------------------------------------------------------------------
