@@ -104,7 +104,7 @@ def main():
             train = data.load_labeled(loaded.tokenizer, rec["data"]["train"], args.max_length, names)
             teacher = make_teacher(loaded.model, rec["method"]["distill"])
             start = time.perf_counter()
-            _, targets = job.lpaf_prune_stage(loaded.model, rec, teacher, train, None, runs / f"lpaf-{keep}-{prune}")
+            _, loaded.model, targets = job.lpaf_prune_stage(loaded.model, rec, teacher, train, None, runs / f"lpaf-{keep}-{prune}")
             prune_seconds = time.perf_counter() - start
             for init, *extra in inits:
                 model = copy.deepcopy(loaded.model)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import sharded
 from .sparsity import nm_mask
 
 
@@ -53,12 +54,18 @@ def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.t() if is_transposed(module) else tensor
 
 
-def magnitude_nm_mask(module: nn.Module, n: int, m: int, keep_per_group: int | None = None) -> torch.Tensor:
-    """Magnitude N:M mask of the module's current dense weight, in stored orientation.
-    `keep_per_group` overrides n (gradual pruning passes through 4:4, 3:4, 2:4)."""
-    W = as_out_in(module, dense_weight(module).detach())
-    mask = nm_mask(W.abs(), keep_per_group if keep_per_group is not None else n, m)
-    return as_out_in(module, mask)
+def magnitude_nm_mask(module: nn.Module, n: int, m: int, keep_per_group: int | None = None,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Magnitude N:M mask of the module's current dense weight (or of `weight`, same layout), in stored
+    orientation. `keep_per_group` overrides n (gradual pruning passes through 4:4, 3:4, 2:4).
+    A row-sharded (FSDP) weight: each rank masks its own rows, then the row masks are all-gathered
+    (never the weights); a weight sharded across its inputs is gathered first."""
+    stored = dense_weight(module).detach() if weight is None else weight
+    if sharded.is_sharded(stored) and sharded.shard_dim(stored) != (1 if is_transposed(module) else 0):
+        stored = sharded.full(stored)  # sharded across the inputs (see distributed._row_placements)
+    rows = as_out_in(module, sharded.local(stored))
+    mask = as_out_in(module, nm_mask(rows.abs(), keep_per_group if keep_per_group is not None else n, m))
+    return sharded.gather_like(mask, stored)
 
 
 def attach_mask(module: nn.Module, mask: torch.Tensor, ste: bool) -> None:

@@ -24,6 +24,9 @@ DEFAULTS = {
         "grad_checkpointing": False, "eval_every": 50, "save_every": 50, "keep_checkpoints": 2,
         "log_every": 1, "tensorboard": False, "device": "cpu",
     },
+    # under torchrun: ddp (every rank holds the model) or fsdp (FSDP2 fully_shard: parameters, gradients
+    # and optimizer states sharded by rows); bf16 mixed precision and CPU offload are FSDP's
+    "parallel": {"strategy": "ddp", "mixed_precision": "none", "cpu_offload": False, "shard_teacher": False},
     "method": {
         "name": "ast",
         "sparsity": "2:4",
@@ -51,6 +54,8 @@ DEFAULTS = {
 }
 
 CHOICES = {
+    "parallel.strategy": ("ddp", "fsdp"),
+    "parallel.mixed_precision": ("none", "bf16"),
     "method.name": ("ast", "naive", "gmp", "finetune", "movement", "lpaf"),
     "method.init": ("magnitude", "wanda", "sparsegpt"),
     "method.mask_update": ("adaptive", "fixed", "gradual"),
@@ -65,7 +70,8 @@ CHOICES = {
 
 # keys that may differ between a run and its resume (they do not change the trajectory)
 RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints",
-               "train.log_every", "train.tensorboard", "data.eval_windows", "data.valid"}
+               "train.log_every", "train.tensorboard", "data.eval_windows", "data.valid",
+               "parallel.strategy", "parallel.cpu_offload", "parallel.shard_teacher"}
 
 
 def builtin_names() -> list[str]:

@@ -18,5 +18,7 @@ def run(args):
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     recipe = recipes.resolve(args.recipe, overrides)
     report = job.run(recipe, args.output, args.overwrite, args.resume)
+    if report is None:  # torchrun: rank 0 reports
+        return
     final = f", final {report['validation_metric']} {report['final_val']:.4f}" if report["final_val"] is not None else ""
     print(f"trained {report['steps']} steps ({report['tokens_seen']:,} tokens){final} -> {args.output}")

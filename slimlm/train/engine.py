@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from .. import recipe as recipes
+from .. import sharded
 from ..errors import SlimlmError
 from . import distributed
 from .datasets import as_dataset, to_device, tokens_in
@@ -94,16 +96,28 @@ class Trainer:
         self.history: list[dict] = []
         self.device = next(model.parameters()).device
         torch.manual_seed(recipe["seed"])
-        hooks.setup(self)
+        hooks.setup(self)  # identical on every rank: same seed, same model
+        rank = distributed.world()[0]
+        if rank:  # dropout: each rank draws its own masks for its own examples (rank 0 as one process would)
+            torch.manual_seed(recipe["seed"] + 1_000_003 * rank)
         if self.cfg["grad_checkpointing"]:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # under torchrun: FSDP2 replaces the parameters by shards, so it comes before the optimizer
+        self.fsdp = distributed.uses_fsdp(recipe["parallel"])
+        if self.fsdp:
+            self.skeleton = distributed.fully_shard_model(model, recipe["parallel"], str(self.device))
+            teacher = getattr(hooks, "teacher", None)
+            if teacher is not None and recipe["parallel"]["shard_teacher"] and not distributed.is_fully_sharded(teacher):
+                distributed.fully_shard_model(teacher, recipe["parallel"], str(self.device))
+            self.forward_model = model
+        else:
+            self.forward_model = distributed.wrap(model)  # DDP under torchrun, the model itself otherwise
         self.optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg["lr"],
                                betas=self.cfg["betas"], eps=self.cfg["eps"], weight_decay=self.cfg["weight_decay"])
         hooks.configure_optimizer(self.optimizer)
-        self.forward_model = distributed.wrap(model)  # DDP under torchrun, the model itself otherwise
         self.writer = self._tensorboard() if self.cfg["tensorboard"] and distributed.is_main() else None
 
     # -- data: batch i is a pure function of (seed, i), so resuming needs only the step ------------
@@ -113,7 +127,7 @@ class Trainer:
         for j in range(index * bs, (index + 1) * bs):
             epoch, pos = divmod(j, n)
             ids.append(int(self._epoch_order(epoch)[pos]))
-        return to_device(self.train_set.get(distributed.shard(ids, bs)), self.device)
+        return to_device(self.train_set.get(distributed.rank_share(ids, bs)), self.device)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         """The shuffled example order of one epoch, computed once per epoch."""
@@ -152,7 +166,7 @@ class Trainer:
             sums = distributed.mean_over_ranks(sums)
             step_tokens = distributed.sum_over_ranks(step_tokens)
             self.hooks.after_backward(self.step)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"] or float("inf"))
+            grad_norm = sharded.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"] or float("inf")))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -163,7 +177,7 @@ class Trainer:
                       **self.hooks.after_step(self.step)}
             evaluating = self.valid is not None and (self.step % cfg["eval_every"] == 0 or self.step == total)
             saving = self.step % cfg["save_every"] == 0 and self.step < total
-            if evaluating and distributed.is_main():
+            if evaluating and (distributed.is_main() or self.fsdp):  # a sharded forward needs every rank
                 record[self.valid.metric] = self.evaluate()
             self.log(record)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -171,11 +185,18 @@ class Trainer:
             if saving:
                 self.save_checkpoint()
             if evaluating or saving:
-                distributed.barrier()  # rank 0 evaluated or saved alone: step on together
+                distributed.barrier()  # rank 0 may have evaluated or saved alone: step on together
         bar.close()
         if self.writer:
             self.writer.close()
         return self.history
+
+    def unsharded_model(self, everywhere: bool = False):
+        """The trained model as one plain module: the model itself, or under FSDP its shards gathered
+        into a copy (on every rank when `everywhere`, else on rank 0 and None on the others)."""
+        if not self.fsdp:
+            return self.model
+        return distributed.gather_full_model(self.model, self.skeleton, everywhere)
 
     def evaluate(self) -> float:
         """Validation perplexity (text) or accuracy (labeled examples)."""
@@ -209,22 +230,24 @@ class Trainer:
         return str(found[-1]) if found else None
 
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes the full state (under DDP every rank holds the same), so a checkpoint
-        resumes on any number of processes."""
+        """One process or DDP: rank 0 writes the full state (every rank holds the same) in safetensors.
+        FSDP: every rank writes its own shards with torch.distributed.checkpoint (DCP). Either kind
+        resumes on any number of processes (DCP reshards on load)."""
         final = self.run_dir / f"checkpoint-{self.step}"
+        tmp = self.run_dir / f".checkpoint-{self.step}.tmp"
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if self.fsdp:
+            distributed.barrier()  # the folder exists before any rank writes into it
+            self._save_shards(tmp)
+            distributed.barrier()  # every rank has written before rank 0 renames
         if not distributed.is_main():
             return final
-        tmp = self.run_dir / f".checkpoint-{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(self.model, str(tmp / "model.safetensors"))
-        tensors = {"rng.torch": torch.get_rng_state()}
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                tensors[f"optim.{i}.{key}"] = value.contiguous()
-        save_file(tensors, str(tmp / "trainer.safetensors"))
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "recipe": self.recipe}
+        if not self.fsdp:
+            self._save_full(tmp)
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "recipe": self.recipe,
+                 "format": "dcp" if self.fsdp else "safetensors"}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -232,6 +255,22 @@ class Trainer:
         for old in kept[: -self.cfg["keep_checkpoints"]]:
             shutil.rmtree(old)
         return final
+
+    def _save_full(self, folder: Path) -> None:
+        save_model(self.model, str(folder / "model.safetensors"))
+        tensors = {"rng.torch": torch.get_rng_state()}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{key}"] = value.contiguous()
+        save_file(tensors, str(folder / "trainer.safetensors"))
+
+    def _save_shards(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}, checkpoint_id=str(folder))
 
     def load_checkpoint(self, folder: str) -> None:
         path = Path(folder)
@@ -243,9 +282,35 @@ class Trainer:
         if diff:
             raise SlimlmError(f"checkpoint {folder} was made with a different recipe ({', '.join(diff)} differ): "
                               "resume with the recipe and overrides of the original run")
+        if state.get("format") == "dcp":
+            self._load_shards(path)
+        elif self.fsdp:
+            raise SlimlmError(f"checkpoint {folder} was written by one process or DDP: resume it with "
+                              "parallel.strategy=ddp (on any number of processes)")
+        else:
+            self._load_full(path)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+
+    def _load_shards(self, path: Path) -> None:
+        """A DCP checkpoint into this run's model and optimizer, sharded or not, on any process count."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
+        try:
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we mean
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(state, checkpoint_id=str(path))
+        except Exception as err:  # DCP wraps every rank's failure; its last line names the cause
+            raise SlimlmError(f"checkpoint {path} does not match the model: {str(err).strip().splitlines()[-1]}") from None
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        torch.set_rng_state(state["rng"])
+
+    def _load_full(self, path: Path) -> None:
         missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
-            raise SlimlmError(f"checkpoint {folder} does not match the model: "
+            raise SlimlmError(f"checkpoint {path} does not match the model: "
                               f"{(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
         tensors = load_file(str(path / "trainer.safetensors"))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -254,4 +319,3 @@ class Trainer:
             if entries:
                 self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
         torch.set_rng_state(tensors["rng.torch"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]

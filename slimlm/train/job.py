@@ -58,7 +58,8 @@ def load_model_and_data(recipe: dict, device: str = "cpu"):
     return loaded, train, valid
 
 
-def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | None = None) -> dict:
+def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | None = None) -> dict | None:
+    """Train and publish; returns the report (None on the ranks other than 0 under torchrun)."""
     out_path = output.check_output_dir(output_dir, overwrite)
     if not recipe["data"]["train"]:
         raise SlimlmError("the recipe has no training data: set data.train=FILE")
@@ -77,7 +78,7 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
     dense_params = {n: p.numel() for n, p in loaded.model.named_parameters()}
     name = recipe["method"]["name"]
     if name == "lpaf":
-        trainers, hooks, extras = _run_lpaf(loaded, recipe, train, valid, run_dir, resume)
+        trainers, hooks = _run_lpaf(loaded, recipe, train, valid, run_dir, resume)
     else:
         hooks = (SparseTraining(recipe, loaded.tokenizer) if name in SPARSE
                  else MovementPruning(recipe) if name == "movement" else Hooks())
@@ -85,7 +86,11 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
         if resume:
             trainers[0].load_checkpoint(resume)
         trainers[0].train()
-        extras = hooks.export(loaded.model)
+    loaded.model = trainers[-1].unsharded_model()  # FSDP: gathered on rank 0, None on the others
+    if loaded.model is None:  # rank 0 exports and publishes; the others wait for it
+        distributed.barrier()
+        return None
+    extras = hooks.export(loaded.model)
     history, offset = [], 0  # LPAF's two stages each count from 1: number the steps of the whole run
     for t in trainers:
         history += [{**h, "step": h["step"] + offset} for h in t.history]
@@ -117,9 +122,9 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
             (folder / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             plot_curves(history, folder / "training_curves.png", title=f"{name} on {recipe['model']}")
 
-    if not distributed.is_main():  # rank 0 publishes; the others wait for it
+    if not distributed.is_main():  # DDP: rank 0 publishes; the others wait for it
         distributed.barrier()
-        return report
+        return None
     probe = trainers[0].train_set.get([0])["input_ids"][:, :64].to(trainers[0].device)
     output.publish(loaded, out_path, overwrite, recipe, report, _card(report), report["parameters"]["targets"],
                    getattr(hooks, "sparsity", None) if name in SPARSE else None, probe, extra_save=save_extras)
@@ -143,11 +148,11 @@ def _run_lpaf(loaded, recipe: dict, train, valid, run_dir: Path, resume: str | N
                           "or choose svd or fisher")
     resume_stage = Path(resume).parent.name if resume else None
     teacher = make_teacher(loaded.model, recipe["method"]["distill"]) if recipe["method"]["distill"]["enabled"] else None
-    first, targets = lpaf_prune_stage(loaded.model, recipe, teacher, train, valid, run_dir, resume,
-                                      finished=resume_stage == "finetune")
+    first, loaded.model, targets = lpaf_prune_stage(loaded.model, recipe, teacher, train, valid, run_dir, resume,
+                                                    finished=resume_stage == "finetune")
     second, hooks = lpaf_lowrank_stage(loaded.model, recipe, teacher, targets, train, valid, run_dir,
                                        resume if resume_stage == "finetune" else None)
-    return [t for t in (first, second) if t is not None], hooks, hooks.export(loaded.model)
+    return [t for t in (first, second) if t is not None], hooks
 
 
 def lpaf_steps(recipe: dict) -> tuple[int, int]:
@@ -160,10 +165,11 @@ def lpaf_steps(recipe: dict) -> tuple[int, int]:
 def lpaf_prune_stage(model, recipe: dict, teacher, train, valid, run_dir: Path, resume: str | None = None,
                      finished: bool = False):
     """Movement pruning to method.keep (or nothing when lpaf.prune=none). Returns (trainer or None,
-    target layers, masked and scored). `finished`: restore the stage's last checkpoint instead of training."""
+    the model as a plain module, its target layers, masked and scored). `finished`: restore the stage's
+    last checkpoint instead of training."""
     steps, _ = lpaf_steps(recipe)
     if not steps:
-        return None, models.find_targets(model, recipe["method"]["include"], recipe["method"]["ignore"])
+        return None, model, models.find_targets(model, recipe["method"]["include"], recipe["method"]["ignore"])
     stage = _stage_recipe(recipe, steps)
     pruning = MovementPruning(stage, steps)
     pruning.teacher = teacher
@@ -177,8 +183,10 @@ def lpaf_prune_stage(model, recipe: dict, teacher, train, valid, run_dir: Path, 
         trainer.train()
         if not last.exists():
             trainer.save_checkpoint()  # stage 2 resumes from here
-    trainer.forward_model = model  # drop stage 1's DDP wrapper (its gradient hooks) before the model changes
-    return trainer, pruning.targets
+    # factorizing changes the model: drop stage 1's DDP wrapper (its gradient hooks), or under FSDP
+    # gather the shards into a plain copy on every rank (each factorizes the same weights identically)
+    model = trainer.forward_model = trainer.unsharded_model(everywhere=True)
+    return trainer, model, {name: model.get_submodule(name) for name in pruning.targets}
 
 
 def lpaf_lowrank_stage(model, recipe: dict, teacher, targets: dict, train, valid, run_dir: Path,

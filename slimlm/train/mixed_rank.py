@@ -94,6 +94,7 @@ class MixedRankTraining(Hooks):
         """Only the factors remain: LowRankLinear layers (ranks in config.slimlm_lowrank), or, with
         lpaf.merge, A @ B written back into plain layers of the original type (a stock checkpoint)."""
         ranks = {}
+        self.layers = {name: model.get_submodule(name) for name in self.layers}  # FSDP: a gathered copy
         for name, layer in self.layers.items():
             final = layer.to_lowrank()
             if self.lp["merge"]:

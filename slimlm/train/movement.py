@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import masked, models
+from .. import masked, models, sharded
 from ..sparsity import layer_mask
 from .distill import distill_loss, make_teacher
 from .engine import Hooks
@@ -58,11 +58,15 @@ class MovementPruning(Hooks):
                 continue
             movement = -(weight * weight.grad).float()
             scores = scores_of(module)
+            if sharded.is_sharded(weight) and not sharded.is_sharded(scores):
+                # first step under FSDP: keep only this rank's rows of the scores, like its weight
+                scores = sharded.shard_like(scores, weight).clone()
+                module.parametrizations.weight[0].register_buffer("scores", scores)
             if ema:
                 scores.mul_(ema).add_(movement, alpha=1 - ema)
             else:
                 scores.add_(movement)
-            weight.grad.mul_(masked.get_mask(module))
+            weight.grad.mul_(sharded.shard_like(masked.get_mask(module), weight.grad))
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict:
@@ -70,11 +74,14 @@ class MovementPruning(Hooks):
         record = {"keep": keep}
         if step % self.mv["mask_interval"] and step != self.total_steps:
             return record
-        record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: layer_mask(scores_of(m), 1.0 - keep))
+        # the top-k is over the whole matrix: sharded scores are gathered (once per refresh)
+        record["mask_flip_rate"] = masked.refresh_masks(
+            self.targets, lambda m: layer_mask(sharded.full(scores_of(m)), 1.0 - keep))
         return record
 
     def export(self, model) -> dict:
         """Weights M * W with exact zeros (the masks of the last step)."""
+        self.targets = {name: model.get_submodule(name) for name in self.targets}  # FSDP: a gathered copy
         for module in self.targets.values():
             masked.bake_mask(module)
         return {"keep": self.cfg["keep"]}

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import masked, models, slorb
+from .. import masked, models, sharded, slorb
 from ..data import calibration_windows, load_tokens
 from ..prune import prune
 from ..errors import SlimlmError
-from ..sparsity import nm_mask, parse_sparsity
+from ..sparsity import parse_sparsity
 from .distill import distill_loss, make_teacher
 from .engine import Hooks
 from .schedules import cubic, linear_ramp
@@ -74,7 +74,9 @@ class SparseTraining(Hooks):
         for module in self.targets.values():
             weight = masked.dense_weight(module)
             mask = masked.get_mask(module)
-            optimizer.set_extra_term(weight, lambda w=weight, m=mask: self.lam * (w * ~m) if self.lam else None, mode)
+            # a sharded weight meets the rows of the (full) mask that its rank holds
+            optimizer.set_extra_term(weight, lambda w=weight, m=mask: self.lam * (w * ~sharded.shard_like(m, w))
+                                     if self.lam else None, mode)
 
     # -- per step ----------------------------------------------------------------------------------
     def before_forward(self, step: int) -> None:
@@ -106,6 +108,8 @@ class SparseTraining(Hooks):
     def export(self, model) -> dict:
         """Final mask = magnitude N:M mask of the final weights (adaptive), weights m * W with exact zeros."""
         sp = self.sparsity
+        self.targets = {name: model.get_submodule(name) for name in self.targets}  # FSDP: a gathered copy
+        self.slorbs = {name: self.targets[name].slorb for name in self.slorbs}
         for module in self.targets.values():
             if self.cfg["mask_update"] == "adaptive":
                 masked.set_mask(module, masked.magnitude_nm_mask(module, sp.n, sp.m))
@@ -118,5 +122,6 @@ class SparseTraining(Hooks):
 
 def _masked_magnitude_mask(module, keep: int, m: int):
     """N:M mask from the *masked* weights (GMP): what was pruned stays pruned."""
-    effective = masked.as_out_in(module, module.weight.detach())
-    return masked.as_out_in(module, nm_mask(effective.abs(), keep, m))
+    weight = masked.dense_weight(module).detach()
+    effective = weight * sharded.shard_like(masked.get_mask(module), weight)
+    return masked.magnitude_nm_mask(module, keep, m, weight=effective)
