@@ -290,6 +290,9 @@ class Trainer:
         else:
             self._load_full(path)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        rank = distributed.world()[0]
+        if rank:  # the saved RNG state is rank 0's: the other ranks draw their own dropout again
+            torch.manual_seed(self.recipe["seed"] + 1_000_003 * rank + self.step)
 
     def _load_shards(self, path: Path) -> None:
         """A DCP checkpoint into this run's model and optimizer, sharded or not, on any process count."""
