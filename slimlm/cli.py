@@ -6,7 +6,7 @@ import sys
 
 from .errors import SlimlmError
 
-COMMANDS = ("prune", "finetune", "train", "quantize", "eval", "inspect", "demo")
+COMMANDS = ("prune", "finetune", "train", "quantize", "eval", "inspect", "report", "bench", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,7 @@ def publish(loaded: LoadedModel, output: Path, overwrite: bool, settings: dict, 
         report["reload_check"] = _verify(loaded, tmp, probe, target_names, sparsity)
         (tmp / "slimlm.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "README.md").write_text(card)
+        (tmp / "README.md").write_text(with_budget(card, report))
         if output.exists():
             if not overwrite:
                 raise SlimlmError(f"output folder {output} already exists: pass --overwrite")
@@ -95,6 +95,32 @@ def publish(loaded: LoadedModel, output: Path, overwrite: bool, settings: dict, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def spent(report: dict) -> tuple[int, float | None]:
+    """(tokens, seconds) a command spent: training tokens, else calibration tokens (0 without calibration)."""
+    if "tokens_seen" in report:
+        return report["tokens_seen"], report.get("seconds")
+    calib = report.get("calibration")
+    return (calib["windows"] * calib["seqlen"] if calib else 0), report.get("prune_seconds", report.get("seconds"))
+
+
+def with_budget(card: str, report: dict) -> str:
+    """Every card states what the result cost, whichever command wrote it: tokens (and for one-shot
+    work, which calibration data), wall time and the library versions, above 'How to load'."""
+    tokens, seconds = spent(report)
+    calib = report.get("calibration")
+    if "tokens_seen" in report:
+        what = f"{tokens:,} training tokens"
+    elif calib:
+        what = (f"{tokens:,} calibration tokens ({calib['windows']} windows of {calib['seqlen']} from "
+                f"`{calib['data']}`, seed {calib['seed']})")
+    else:
+        what = "no calibration data"
+    v = report.get("versions", {})
+    line = (f"Budget: {what}; {seconds / 60:.1f} min wall time" if seconds is not None else f"Budget: {what}")
+    line += f" (slimlm {v.get('slimlm')}, torch {v.get('torch')})." if v else "."
+    return card.replace("## How to load", f"{line}\n\n## How to load", 1) if "## How to load" in card else card + line
 
 
 def model_card(title: str, base_model: str, summary: list[str], results: dict[str, float] | None,
@@ -113,3 +139,48 @@ def model_card(title: str, base_model: str, summary: list[str], results: dict[st
               "measurement, `slimlm.yaml` the resolved settings.", ""]
     return "\n".join(lines)
 
+
+TASKS_BEGIN, TASKS_END = "<!-- slimlm:lm-eval -->", "<!-- /slimlm:lm-eval -->"
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write beside, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def task_section(tasks: dict) -> str:
+    """The model card's table of lm-eval scores."""
+    lines = [TASKS_BEGIN, "## lm-evaluation-harness", "",
+             "| task | metric | value | stderr | examples | shots | evaluated |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for task, r in sorted(tasks.items()):
+        for metric, value in r["metrics"].items():
+            if isinstance(value, (int, float)):
+                err = r["stderr"].get(metric)
+                err = f"{err:.4f}" if isinstance(err, (int, float)) else "—"
+                lines.append(f"| {task} | {metric} | {value:.4f} | {err} | {r['samples']} | {r['num_fewshot']} | "
+                             f"{r['date'][:10]} |")
+    return "\n".join(lines + ["", TASKS_END])
+
+
+def record_task_scores(folder: Path, tasks: dict) -> None:
+    """Merge lm-eval scores into an output folder: report.json under `lm_eval` (one entry per task,
+    a re-run replaces it) and the model card's score table (kept between markers, above 'How to load')."""
+    folder = Path(folder)
+    report = json.loads((folder / "report.json").read_text())
+    report["lm_eval"] = {**report.get("lm_eval", {}), **tasks}
+    _replace_file(folder / "report.json", json.dumps(report, indent=2))
+    card_path = folder / "README.md"
+    if not card_path.is_file():
+        return
+    card, section = card_path.read_text(), task_section(report["lm_eval"])
+    if TASKS_BEGIN in card and TASKS_END in card:
+        before, rest = card.split(TASKS_BEGIN, 1)
+        card = before + section + rest.split(TASKS_END, 1)[1]
+    elif "## How to load" in card:
+        card = card.replace("## How to load", section + "\n\n## How to load", 1)
+    else:
+        card = card.rstrip("\n") + "\n\n" + section + "\n"
+    _replace_file(card_path, card)

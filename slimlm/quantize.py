@@ -9,13 +9,15 @@ its scales (fp16) and either packed 2:4 codes (NAME.values, NAME.positions) or p
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import data, models, oneshot, output, quant
+from . import ctexport, data, models, oneshot, output, quant
 from .errors import SlimlmError
 from .prune.blockwise import prune_blockwise
 from .sparsity import is_valid_nm
@@ -24,9 +26,10 @@ FILENAME = "quant.safetensors"
 DEFAULTS = {
     "model": None, "bits": 4, "group_size": 128, "method": "rtn", "calib": None, "nsamples": 128, "seqlen": 2048,
     "seed": 0, "include": None, "ignore": None, "percdamp": 0.01, "blocksize": 128, "eval": None,
-    "eval_dense": False, "eval_seqlen": None, "eval_windows": None, "device": "cpu",
+    "eval_dense": False, "eval_seqlen": None, "eval_windows": None, "device": "cpu", "format": "slimlm",
 }
 METHODS = ("rtn", "gptq")
+FORMATS = ("slimlm", "compressed-tensors")
 
 
 def resolve_settings(**given) -> dict:
@@ -36,6 +39,8 @@ def resolve_settings(**given) -> dict:
 def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) -> dict:
     if settings["method"] not in METHODS:
         raise SlimlmError(f"unknown quantization method '{settings['method']}': choose rtn or gptq")
+    if settings["format"] not in FORMATS:
+        raise SlimlmError(f"unknown output format '{settings['format']}': choose slimlm or compressed-tensors")
     if settings["bits"] not in quant.BITS:
         raise SlimlmError(f"--bits {settings['bits']} is not supported: choose 4 or 8")
     out_path = output.check_output_dir(output_dir, overwrite) if output_dir else None
@@ -99,9 +104,20 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
             save_file(tensors, str(folder / FILENAME))
 
         probe = (windows[0] if windows is not None else torch.arange(32))[:64].unsqueeze(0)
-        output.publish(loaded, out_path, overwrite, settings, report, _card(report), list(targets), None,
-                       probe.to(next(loaded.model.parameters()).device), extra_save=save_codes,
-                       drop=[f"{name}.weight" for name in targets])
+        publish = lambda folder, replace: output.publish(  # noqa: E731
+            loaded, folder, replace, settings, report, _card(report), list(targets), None,
+            probe.to(next(loaded.model.parameters()).device), extra_save=save_codes,
+            drop=[f"{name}.weight" for name in targets])
+        if settings["format"] == "slimlm":
+            publish(out_path, overwrite)
+        else:
+            # the slimlm folder is written and reload-checked first, then converted from it
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.staging-", dir=out_path.parent))
+            try:
+                publish(staging / "slimlm", False)
+                ctexport.export(staging / "slimlm", out_path, overwrite)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
@@ -128,22 +144,38 @@ def sizes(model, layers: dict, tensors: dict) -> dict:
             "other_parameters": sum(p.numel() for p in model.parameters()) - numel}
 
 
-def load_into(model, folder: Path, spec: dict) -> None:
-    """Rebuild the float weights of the quantized layers (slimlm.load calls this)."""
+def read_codes(folder: Path, spec: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{NAME: (int8 codes (out, in), float32 scales)} of the quantized layers, unpacked from quant.safetensors."""
     path = folder / FILENAME
     if not path.is_file():
         raise SlimlmError(f"{folder}: config.json lists quantized layers but {FILENAME} is missing")
     tensors = load_file(str(path))
-    group = None if spec["group_size"] in (None, -1) else spec["group_size"]
+    layers = {}
+    for name, kind in spec["layers"].items():
+        if kind == "2:4":
+            values = tensors[f"{name}.values"]  # 2 of every 4 columns; 4-bit: two per byte
+            shape = (values.shape[0], values.shape[1] * (2 if values.dtype == torch.int8 else 4))
+            codes = quant.unpack_24({"values": values, "positions": tensors[f"{name}.positions"]}, shape)
+        else:
+            codes = quant.unpack_dense(tensors[f"{name}.codes"])
+        layers[name] = (codes, tensors[f"{name}.scales"].float())
+    return layers
+
+
+def group_size_of(spec: dict) -> int | None:
+    """The group size of config.slimlm_quant as quant.py takes it (None: one scale per output channel)."""
+    return None if spec["group_size"] in (None, -1) else spec["group_size"]
+
+
+def load_into(model, folder: Path, spec: dict) -> None:
+    """Rebuild the float weights of the quantized layers (slimlm.load calls this)."""
+    codes = read_codes(folder, spec)
     with torch.no_grad():
-        for name, kind in spec["layers"].items():
+        for name, (layer_codes, scales) in codes.items():
             W = models.weight_matrix(model.get_submodule(name))
-            if kind == "2:4":
-                codes = quant.unpack_24({"values": tensors[f"{name}.values"], "positions": tensors[f"{name}.positions"]},
-                                        tuple(W.shape))
-            else:
-                codes = quant.unpack_dense(tensors[f"{name}.codes"])
-            W.copy_(quant.dequantize(codes, tensors[f"{name}.scales"].float(), group).to(W.dtype))
+            if tuple(W.shape) != tuple(layer_codes.shape):
+                raise SlimlmError(f"{folder}: layer {name} is {tuple(W.shape)} but its codes are {tuple(layer_codes.shape)}")
+            W.copy_(quant.dequantize(layer_codes, scales, group_size_of(spec)).to(W.dtype))
 
 
 def _card(report: dict) -> str:
@@ -157,5 +189,10 @@ def _card(report: dict) -> str:
     results = {f"perplexity ({k}, {v['data']}, {v['windows']}x{v['seqlen']})": v["perplexity"]
                for k, v in report["evaluation"].items()}
     how = "import slimlm\nmodel = slimlm.load(\"PATH\")  # dequantizes the packed codes (quant.safetensors)"
+    if s.get("format") == "compressed-tensors":
+        how = ("# compressed-tensors pack-quantized, the format vLLM reads (not tested with vLLM here)\n"
+               "from transformers import AutoModelForCausalLM, CompressedTensorsConfig\n"
+               "model = AutoModelForCausalLM.from_pretrained(\"PATH\", quantization_config="
+               "CompressedTensorsConfig(dequantize=True))")
     return output.model_card(f"{report['base_model']} — int{s['bits']} {s['method']}", report["base_model"],
                              summary, results, how, ["slimlm", "quantization", f"int{s['bits']}", s["method"]])

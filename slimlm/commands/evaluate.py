@@ -1,47 +1,88 @@
 import json
+from pathlib import Path
 
-from .. import data, models
+from .. import data, models, output
 from ..errors import SlimlmError
 from ..evaluate import accuracy, perplexity
 
-HELP = ("Measure token perplexity (SparseGPT/Wanda protocol) of a causal LM on a text, or the accuracy of a "
-        "classifier on JSONL {text, label}.")
+HELP = ("Measure token perplexity (SparseGPT/Wanda protocol) of a causal LM on a text, the accuracy of a "
+        "classifier on JSONL {text, label}, or lm-evaluation-harness task scores (--tasks).")
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help=".txt, .jsonl with a 'text' field, or dataset name; "
+    p.add_argument("--data", help=".txt, .jsonl with a 'text' field, or dataset name; "
                    "for a classifier, .jsonl with 'text' and 'label'")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (boolq,rte,hellaswag,...; groups, "
+                   "tags or task YAML files too); needs pip install 'slimlm[eval]'")
+    p.add_argument("--include-path", action="append", help="folder of custom lm-eval task YAML (repeatable)")
+    p.add_argument("--limit", type=float, help="tasks: at most this many examples per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, help="tasks: examples in the prompt (default: the task's own, else 0)")
+    p.add_argument("--seed", type=int, default=0, help="tasks: seed for few-shot sampling")
+    p.add_argument("--no-report", action="store_true", help="tasks: do not merge the scores into the model "
+                   "folder's report.json and model card")
     p.add_argument("--max-length", type=int, default=128, help="classifier: tokens per example")
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window; for tasks, the longest input "
+                   "(longer ones lose tokens from the left)")
     p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, help="default: 1 window (perplexity), 8 requests (tasks), "
+                   "32 examples (accuracy)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the result with its protocol to this file")
 
 
 def run(args):
+    if not args.data and not args.tasks:
+        raise SlimlmError("nothing to evaluate: pass --data FILE (perplexity or accuracy) and/or --tasks NAMES")
     loaded = models.load(args.model, args.dtype, args.device)
+    if args.tasks:
+        _tasks(loaded, args)
+    if args.data:
+        _data(loaded, args)
+
+
+def _tasks(loaded, args):
+    from ..tasks import format_table, run_tasks
+
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    result = run_tasks(loaded, names, args.include_path, limit, args.num_fewshot, args.batch_size or 8,
+                       args.seqlen, args.seed)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "tasks": result}, indent=2))
+    folder = Path(args.model)
+    if not args.no_report and (folder / "report.json").is_file():
+        output.record_task_scores(folder, result)
+        print(f"scores recorded in {folder / 'report.json'} and its model card")
+
+
+def _data(loaded, args):
     if loaded.kind == "sequence-classification":
         return _accuracy(loaded, args)
     if loaded.kind != "causal-lm":
         raise SlimlmError(f"model '{args.model}' is an {loaded.kind} model without a task head: fine-tune it first "
                           "(slimlm finetune) or give a causal LM")
     stream = data.load_tokens(loaded.tokenizer, args.data)
-    result = {"model": args.model, **perplexity(loaded.model, stream, args.seqlen, args.max_windows, args.batch_size)}
+    result = {"model": args.model,
+              **perplexity(loaded.model, stream, args.seqlen, args.max_windows, args.batch_size or 1)}
     print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {args.seqlen} tokens of {args.data})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args, result)
+
+
+def _write_json(args, result):
+    if args.json:  # with --tasks as well, one file holds both
+        path = Path(args.json)
+        if args.tasks and path.is_file():
+            result = {**json.loads(path.read_text()), **result}
+        path.write_text(json.dumps(result, indent=2))
 
 
 def _accuracy(loaded, args):
     config = loaded.model.config
     names = [config.id2label[i] for i in range(config.num_labels)]
     examples = data.load_labeled(loaded.tokenizer, args.data, args.max_length, names)
-    result = {"model": args.model, **accuracy(loaded.model, examples, batch_size=max(args.batch_size, 32))}
+    result = {"model": args.model, **accuracy(loaded.model, examples, batch_size=args.batch_size or 32)}
     print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['examples']} examples of {args.data})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args, result)

@@ -10,6 +10,9 @@ def add_arguments(p):
     p.add_argument("--bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1: one scale per output channel")
     p.add_argument("--method", default="rtn", choices=quantize.METHODS)
+    p.add_argument("--format", default="slimlm", choices=quantize.FORMATS,
+                   help="slimlm: packed 2:4 codes (quant.safetensors, slimlm.load); compressed-tensors: the vLLM "
+                   "pack-quantized layout (zeros stored densely; docs/formats.md)")
     add_calibrated_job_arguments(p, "GPTQ")
 
 

@@ -1,0 +1,437 @@
+"""`slimlm bench`: latency and throughput of a compressed model against its dense reference.
+
+Two kinds of rows, each measured for the dense and the compressed variant alternately in one run
+(dense first on even repeats, compressed first on odd ones) so that a noisy machine slows both alike:
+
+- layer rows: for every distinct (out, in, compression) of the target layers, the forward of one such
+  layer on `batch` input rows (tokens in flight), dense layer vs the compressed layer's runnable form
+  (slimlm/kernels.py says which kernel; the backend is in every row);
+- model rows: the whole model on `batch` sequences of `seqlen` random tokens: prefill (one forward with
+  the KV cache on) and decode (`decode_tokens` single-token steps on that cache), in tokens/s.
+
+The speed-up of a row is the median over repeats of dense time / compressed time of the same repeat;
+below 1 the compressed model is slower, and the row says so. Peak memory: on CUDA the peak of
+torch.cuda.max_memory_allocated during the call above what was allocated before it (activations and
+workspaces; the weights are reported apart); on CPU the rise of the process's peak resident set
+(Linux VmHWM, reset before the call) above its resident set before it, a lower bound because the
+allocator may reuse memory it already holds.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import kernels, models, output, quantize
+from .errors import SlimlmError
+from .factorized import replace_module
+
+DEFAULTS = {
+    "model": None, "dense": None, "device": "cpu", "dtype": None, "batch_sizes": [1, 4], "seqlens": [128],
+    "layer_batches": [1, 16, 128, 1024], "decode_tokens": 8, "repeats": 5, "seed": 0, "sparse_kernel": "auto",
+    "include": None, "ignore": None, "layers": True, "whole_model": True, "min_layer_seconds": 0.02,
+}
+
+
+def resolve_settings(**given) -> dict:
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    settings = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    if not settings["model"] or not settings["dense"]:
+        raise SlimlmError("bench needs the compressed model and its dense reference: pass --model and --dense")
+    for key in ("batch_sizes", "seqlens", "layer_batches"):
+        if not settings[key] or any(int(v) < 1 for v in settings[key]):
+            raise SlimlmError(f"--{key.replace('_', '-')} needs positive integers, got {settings[key]}")
+    if settings["repeats"] < 1 or settings["decode_tokens"] < 0:
+        raise SlimlmError("--repeats must be at least 1 and --decode-tokens at least 0")
+    if settings["sparse_kernel"] not in kernels.SPARSE_KERNELS:
+        raise SlimlmError(f"unknown --sparse-kernel '{settings['sparse_kernel']}': choose one of "
+                          f"{', '.join(kernels.SPARSE_KERNELS)}")
+    if settings["dtype"] is None:  # the semi-structured kernels take half precision only
+        settings["dtype"] = "float16" if settings["device"].startswith("cuda") else "float32"
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring one call
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_measure(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "CUDA: peak torch.cuda.max_memory_allocated during the call minus the allocation before it"
+    if _proc_kb("VmHWM") is None:
+        return "unavailable: no /proc/self/status on this system"
+    return ("CPU: rise of the process's peak resident set (VmHWM, reset via /proc/self/clear_refs) above the "
+            "resident set before the call, with glibc's mmap threshold fixed at 64 KiB so that freed tensors "
+            "go back to the system; a lower bound where the allocator still reuses memory it holds")
+
+
+_MMAP_SET = False
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks (and raises its mmap threshold as big blocks are freed), so a second
+    forward would reuse memory and show no rise in RSS. A fixed 64 KiB mmap threshold makes every
+    tensor-sized block its own mapping, returned to the system when freed."""
+    global _MMAP_SET
+    if _MMAP_SET or platform.system() != "Linux":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    _MMAP_SET = True
+
+
+def _reset_peak(device: torch.device) -> int | None:
+    """Start a peak measurement; returns the baseline in bytes (None: cannot measure here)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    _return_freed_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return None
+    rss = _proc_kb("VmRSS")
+    return None if rss is None else rss * 1024
+
+
+def _peak_above(device: torch.device, baseline: int | None) -> int | None:
+    if baseline is None:
+        return None
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - baseline
+    hwm = _proc_kb("VmHWM")
+    return None if hwm is None else max(0, hwm * 1024 - baseline)
+
+
+def timed(fn, device: torch.device, calls: int = 1, memory: bool = False) -> tuple[float, int | None]:
+    """(seconds per call averaged over `calls` calls, peak memory above the start or None)."""
+    baseline = _reset_peak(device) if memory else None
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / calls
+    return seconds, _peak_above(device, baseline) if memory else None
+
+
+def compare(dense: Callable, compressed: Callable, device: torch.device, repeats: int, calls: int = 1,
+            memory: bool = False) -> dict:
+    """Time the two variants alternately. Each variant is a function that prepares (untimed) and returns
+    the call to time: a decode timing needs a fresh prefilled cache every time. The speed-up is the
+    median of the per-repeat ratios dense time / compressed time."""
+    variants = {"dense": dense, "compressed": compressed}
+    for prepare in variants.values():  # warm-up: first-call allocations and kernel choices are not timed
+        prepare()()
+    times = {"dense": [], "compressed": []}
+    peaks = {"dense": None, "compressed": None}
+    for r in range(repeats):
+        for which in (("dense", "compressed") if r % 2 == 0 else ("compressed", "dense")):
+            seconds, peak = timed(variants[which](), device, calls, memory=memory and r == 0)  # each variant once
+            times[which].append(seconds)
+            if peak is not None:
+                peaks[which] = peak
+    ratios = [d / c for d, c in zip(times["dense"], times["compressed"])]
+    return {"dense_seconds": statistics.median(times["dense"]),
+            "compressed_seconds": statistics.median(times["compressed"]),
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "dense_peak_bytes": peaks["dense"], "compressed_peak_bytes": peaks["compressed"]}
+
+
+def verdict(speedup: float, low: float | None = None, high: float | None = None) -> str:
+    """Faster or slower by the median ratio, unless the repeats' ratios fall on both sides of 1: on a
+    noisy machine such a row does not show a difference, and it says so instead of picking a side."""
+    if low is not None and high is not None and low < 1 < high:
+        return f"no clear difference: {speedup:.2f}× ({low:.2f}–{high:.2f})"
+    return f"faster: {speedup:.2f}×" if speedup >= 1 else f"slower than dense: {speedup:.2f}×"
+
+
+def clearly_slower(row: dict) -> bool:
+    return row["speedup"] < 1 and not row["speedup_min"] < 1 < row["speedup_max"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the compressed model in runnable form
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers as held in memory (semi-structured: packed values + metadata)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        parts = [getattr(t, a, None) for a in ("packed", "meta", "packed_t", "meta_t")]
+        parts = [p for p in parts if isinstance(p, torch.Tensor)]
+        total += sum(p.numel() * p.element_size() for p in parts) if parts else t.numel() * t.element_size()
+    return total
+
+
+def plan_layers(loaded, settings: dict) -> list[dict]:
+    """Per target layer of the compressed model: name, (out, in), kind, runnable module, backend."""
+    targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
+    spec = getattr(loaded.model.config, "slimlm_quant", None)
+    codes = {}
+    if spec:
+        codes = quantize.read_codes(Path(models.resolve(settings["model"])[0]), spec)
+    plan = []
+    for name, module in targets.items():
+        weight = models.weight_matrix(module)
+        quantized = {"bits": spec["bits"]} if name in codes else None
+        kind = kernels.layer_kind(module, quantized)
+        group = quantize.group_size_of(spec) if quantized else None
+        runnable, backend = kernels.runnable(name, module, kind, settings["sparse_kernel"], codes.get(name), group)
+        plan.append({"name": name, "shape": tuple(weight.shape), "kind": kind, "module": runnable, "backend": backend})
+    return plan
+
+
+def to_runnable(model: nn.Module, plan: list[dict]) -> nn.Module:
+    for layer in plan:
+        if layer["module"] is not model.get_submodule(layer["name"]):
+            replace_module(model, layer["name"], layer["module"])
+    return model
+
+
+def backend_summary(plan: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for layer in plan:
+        counts[layer["backend"]] = counts.get(layer["backend"], 0) + 1
+    return "; ".join(f"{n} layers: {b}" for b, n in counts.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# the rows
+
+@torch.inference_mode()
+def layer_rows(plan: list[dict], dense_model: nn.Module, settings: dict, device, dtype, progress) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for layer in plan:
+        groups.setdefault((*layer["shape"], layer["kind"]), []).append(layer)
+    rows = []
+    for (out_f, in_f, kind), members in groups.items():
+        first = members[0]
+        try:
+            dense_layer = dense_model.get_submodule(first["name"])
+        except AttributeError:
+            raise SlimlmError(f"the dense model has no layer '{first['name']}': pass as --dense the model the "
+                              "compressed one was made from") from None
+        if tuple(models.weight_matrix(dense_layer).shape) != (out_f, in_f):
+            raise SlimlmError(f"layer '{first['name']}' is {out_f}x{in_f} in the compressed model but "
+                              f"{tuple(models.weight_matrix(dense_layer).shape)} in --dense: not the same architecture")
+        for batch in settings["layer_batches"]:
+            x = torch.randn(batch, in_f, device=device, dtype=dtype,
+                            generator=torch.Generator(device=device).manual_seed(settings["seed"]))
+            dense_call, compressed_call = (lambda: dense_layer(x)), (lambda: first["module"](x))
+            dense_call()
+            once, _ = timed(dense_call, device)
+            calls = max(1, math.ceil(settings["min_layer_seconds"] / max(once, 1e-7)))  # small layers: many calls per timing
+            result = compare(lambda: dense_call, lambda: compressed_call, device, settings["repeats"], calls)
+            rows.append({"row": "layer", "shape": [out_f, in_f], "kind": kind, "layers": len(members),
+                         "example": first["name"], "batch": batch, "backend": first["backend"],
+                         "dense_backend": "dense matmul", "calls_per_timing": calls, **result,
+                         "verdict": verdict(result["speedup"], result["speedup_min"], result["speedup_max"])})
+            progress.update(1)
+    return rows
+
+
+@torch.inference_mode()
+def model_rows(dense_model, compressed_model, kind: str, settings: dict, device, backend: str, progress) -> list[dict]:
+    vocab = dense_model.config.vocab_size
+    causal = kind == "causal-lm"
+    rows = []
+    for seqlen in settings["seqlens"]:
+        for batch in settings["batch_sizes"]:
+            gen = torch.Generator().manual_seed(settings["seed"])
+            ids = torch.randint(vocab, (batch, seqlen), generator=gen).to(device)
+            steps = torch.randint(vocab, (batch, settings["decode_tokens"]), generator=gen).to(device)
+
+            def prefill(model):
+                return lambda: model(input_ids=ids, **({"use_cache": True} if causal else {}))
+
+            def decode(model):
+                cache = model(input_ids=ids, use_cache=True).past_key_values  # untimed: a fresh prefix each time
+                return lambda: _decode(model, cache, steps)
+
+            result = compare(lambda: prefill(dense_model), lambda: prefill(compressed_model), device,
+                             settings["repeats"], memory=True)
+            rows.append(_tokens_row("prefill", batch, seqlen, batch * seqlen, result, backend))
+            progress.update(1)
+            if causal and settings["decode_tokens"]:
+                result = compare(lambda: decode(dense_model), lambda: decode(compressed_model), device,
+                                 settings["repeats"], memory=True)
+                rows.append(_tokens_row("decode", batch, seqlen, batch * settings["decode_tokens"], result, backend))
+                progress.update(1)
+    return rows
+
+
+def _decode(model, cache, steps: torch.Tensor) -> None:
+    for i in range(steps.shape[1]):
+        cache = model(input_ids=steps[:, i : i + 1], past_key_values=cache, use_cache=True).past_key_values
+
+
+def _tokens_row(phase: str, batch: int, seqlen: int, tokens: int, result: dict, backend: str) -> dict:
+    return {"row": phase, "batch": batch, "seqlen": seqlen, "tokens": tokens, "backend": backend,
+            "dense_tokens_per_s": tokens / result["dense_seconds"],
+            "compressed_tokens_per_s": tokens / result["compressed_seconds"], **result,
+            "verdict": verdict(result["speedup"], result["speedup_min"], result["speedup_max"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+def run(settings: dict) -> dict:
+    """Load both models, build the compressed one's runnable form, measure. Returns the result dict."""
+    device = torch.device(settings["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SlimlmError(f"--device {settings['device']}: no CUDA GPU is visible to PyTorch")
+    if settings["sparse_kernel"] == "semi-structured" and device.type != "cuda":
+        raise SlimlmError("--sparse-kernel semi-structured needs a CUDA GPU (cuSPARSELt/CUTLASS): PyTorch has no "
+                          "2:4 kernel for CPUs; use --sparse-kernel auto or dense to time 2:4 layers as dense matmuls")
+    torch.manual_seed(settings["seed"])
+    dtype = models.DTYPES.get(settings["dtype"])
+    compressed = models.load(settings["model"], dtype=settings["dtype"], device=str(device))
+    dense = models.load(settings["dense"], dtype=settings["dtype"], device=str(device))
+    if compressed.kind != dense.kind:
+        raise SlimlmError(f"--model is a {compressed.kind} model but --dense a {dense.kind} one: compare like with like")
+    plan = plan_layers(compressed, settings)
+    probe = torch.randint(dense.model.config.vocab_size, (1, 16),
+                          generator=torch.Generator().manual_seed(settings["seed"])).to(device)
+    with torch.inference_mode():
+        reference = output._outputs(compressed.model, probe)
+        runnable = to_runnable(compressed.model, plan)
+        kernel_diff = (output._outputs(runnable, probe) - reference).abs().max().item()
+    backend = backend_summary(plan)
+
+    shapes = {(*layer["shape"], layer["kind"]) for layer in plan}
+    per_config = 2 if compressed.kind == "causal-lm" and settings["decode_tokens"] else 1
+    total = (len(shapes) * len(settings["layer_batches"]) if settings["layers"] else 0) + (
+        per_config * len(settings["batch_sizes"]) * len(settings["seqlens"]) if settings["whole_model"] else 0)
+    rows = []
+    with tqdm(total=total, desc="bench", unit="row") as progress:
+        if settings["layers"]:
+            rows += layer_rows(plan, dense.model, settings, device, dtype, progress)
+        if settings["whole_model"]:
+            rows += model_rows(dense.model, runnable, compressed.kind, settings, device, backend, progress)
+    return {
+        "command": "bench", "model": settings["model"], "dense": settings["dense"], "settings": settings,
+        "device": _device_name(device), "threads": torch.get_num_threads(), "memory_measure": memory_measure(device),
+        "backends": backend, "kernel_check_max_abs_logit_diff": kernel_diff,
+        "weights_bytes": {"dense": tensor_bytes(dense.model), "compressed": tensor_bytes(runnable)},
+        "layers": [{k: (list(v) if k == "shape" else v) for k, v in layer.items() if k != "module"} for layer in plan],
+        "rows": rows, "versions": output.versions(),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------
+# presenting
+
+def format_table(result: dict) -> str:
+    lines = [f"{'row':<8} {'shape / batch x seqlen':<26} {'kind':<12} {'dense':>14} {'compressed':>14} "
+             f"{'peak MB d/c':>13}  verdict"]
+    for row in result["rows"]:
+        if row["row"] == "layer":
+            what = f"{row['shape'][0]}x{row['shape'][1]} b={row['batch']}"
+            dense, comp = f"{row['dense_seconds'] * 1e3:.3f} ms", f"{row['compressed_seconds'] * 1e3:.3f} ms"
+            kind = row["kind"]
+        else:
+            what = f"b={row['batch']} s={row['seqlen']}"
+            dense, comp = f"{row['dense_tokens_per_s']:.1f} tok/s", f"{row['compressed_tokens_per_s']:.1f} tok/s"
+            kind = "model"
+        peaks = [row.get("dense_peak_bytes"), row.get("compressed_peak_bytes")]
+        peak = "/".join("-" if b is None else f"{b / 1e6:.1f}" for b in peaks) if row["row"] != "layer" else ""
+        lines.append(f"{row['row']:<8} {what:<26} {kind:<12} {dense:>14} {comp:>14} {peak:>13}  {row['verdict']}")
+    backends = sorted({(r["kind"], r["backend"]) for r in result["rows"] if r["row"] == "layer"})
+    lines.append("")
+    lines += [f"backend ({kind}): {backend}" for kind, backend in backends]
+    lines.append(f"whole model: {result['backends']}")
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> list[str]:
+    """Plain sentences: where the compressed model is faster and where it is slower."""
+    out = []
+    for phase in ("layer", "prefill", "decode"):
+        rows = [r for r in result["rows"] if r["row"] == phase]
+        if not rows:
+            continue
+        slower = [r for r in rows if clearly_slower(r)]
+        unclear = [r for r in rows if r["speedup_min"] < 1 < r["speedup_max"]]
+        speedups = sorted(r["speedup"] for r in rows)
+        out.append(f"{phase}: speed-up {speedups[0]:.2f}x to {speedups[-1]:.2f}x over {len(rows)} rows; "
+                   + (f"SLOWER than dense in {len(slower)} of them (worst {speedups[0]:.2f}x)" if slower
+                      else "never clearly slower than dense")
+                   + (f"; {len(unclear)} rows show no clear difference (repeats on both sides of 1)" if unclear else ""))
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    """Speed-up vs batch size: one line per layer shape, and one per (phase, seqlen) for the whole model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    panels = [("layer", "target layer shapes"), ("model", "whole model")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (which, title) in zip(axes, panels):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for row in result["rows"]:
+            if (row["row"] == "layer") != (which == "layer"):
+                continue
+            label = (f"{row['shape'][0]}x{row['shape'][1]} {row['kind']}" if which == "layer"
+                     else f"{row['row']} s={row['seqlen']}")
+            lines.setdefault(label, []).append((row["batch"], row["speedup"]))
+        for label, points in lines.items():
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)  # ratios: 0.5x and 2x equally far from 1
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.set_xlabel("batch (input rows)" if which == "layer" else "batch (sequences)")
+        ax.set_ylabel("speed-up over dense (>1 faster)")
+        ax.set_title(title)
+        if lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{result['model']} vs {result['dense']} on {result['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,15 @@
+from ..report import write
+
+HELP = ("Compare output folders side by side on one Markdown page (method, budget, parameters, size on disk, "
+        "perplexity / accuracy / lm-eval scores, tokens and time spent) with PNG plots beside it.")
+
+
+def add_arguments(p):
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of slimlm prune/train/finetune/quantize")
+    p.add_argument("--output", required=True, help="the .md file to write; its PNGs go next to it "
+                   "(OUTPUT-quality.png, OUTPUT-curves.png)")
+
+
+def run(args):
+    page = write(args.runs, args.output)
+    print(f"wrote {page} ({len(args.runs)} runs)")
