@@ -395,9 +395,9 @@ def summary(result: dict) -> list[str]:
         unclear = [r for r in rows if r["speedup_min"] < 1 < r["speedup_max"]]
         speedups = sorted(r["speedup"] for r in rows)
         out.append(f"{phase}: speed-up {speedups[0]:.2f}x to {speedups[-1]:.2f}x over {len(rows)} rows; "
-                   + (f"SLOWER than dense in {len(slower)} of them (worst {speedups[0]:.2f}x)" if slower
+                   + (f"SLOWER than dense in {len(slower)} of them (worst {min(r['speedup'] for r in slower):.2f}x)" if slower
                       else "never clearly slower than dense")
-                   + (f"; {len(unclear)} rows show no clear difference (repeats on both sides of 1)" if unclear else ""))
+                   + (f"; no clear difference in {len(unclear)} (repeats on both sides of 1)" if unclear else ""))
     return out
 
 
