@@ -123,12 +123,20 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
         cls, kind = transformers.AutoModelForSequenceClassification, "sequence-classification"
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={n: i for i, n in enumerate(labels)})
+    # slimlm rebuilds quantized and factorized layers itself (below): transformers would report their
+    # weights as missing from the checkpoint and "newly initialized", which is true only for a moment
+    rebuilt_later = getattr(config, "slimlm_quant", None) or getattr(config, "slimlm_lowrank", None)
+    verbosity = transformers.logging.get_verbosity()
+    if rebuilt_later:
+        transformers.logging.set_verbosity_error()
     try:
         model = cls.from_pretrained(location, dtype=DTYPES[dtype], **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     if gguf_file:
         model = _plain_copy(model)
     if Path(location).is_dir():

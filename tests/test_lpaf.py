@@ -37,7 +37,8 @@ def classifier(model_dirs, brown, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "bert-brown"
     assert main(["finetune", "--model", str(model_dirs["bert"]), "--data", str(brown / "train.jsonl"),
                  "--valid", str(brown / "test.jsonl"), "--output", str(out), "train.steps=12",
-                 "train.batch_size=8", "train.lr=1e-3", "train.eval_every=6", "data.max_length=48"]) == 0
+                 "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=2", "train.eval_every=6",
+                 "data.max_length=48"]) == 0
     return out
 
 

@@ -13,6 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from .. import data, models, output, slorb
 from . import distributed
 from ..errors import SlimlmError
@@ -52,6 +54,7 @@ def load_model_and_data(recipe: dict, device: str = "cpu"):
         loaded = models.load(recipe["model"], device=device)
     else:
         names = data.label_names(data.read_labeled(d["train"])[1])
+        torch.manual_seed(recipe["seed"])  # the fresh head's initialisation follows the recipe's seed
         loaded = models.load(recipe["model"], device=device, labels=names)
     train = data.load_labeled(loaded.tokenizer, d["train"], d["max_length"], names)
     valid = data.load_labeled(loaded.tokenizer, d["valid"], d["max_length"], names) if d["valid"] else None
