@@ -167,7 +167,7 @@ def gather_full_model(model: nn.Module, skeleton: nn.Module, everywhere: bool) -
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
     if not everywhere and not is_main():
         return None
-    shared = _shared_parameters(skeleton)
+    shared = shared_parameters(skeleton)
     skeleton.load_state_dict(state, assign=True)
     for name, owner in shared.items():  # assign=True unties tied weights (embeddings and LM head): tie again
         parent, _, attr = name.rpartition(".")
@@ -175,7 +175,7 @@ def gather_full_model(model: nn.Module, skeleton: nn.Module, everywhere: bool) -
     return skeleton.to(next(iter(state.values())).device)
 
 
-def _shared_parameters(model: nn.Module) -> dict[str, str]:
+def shared_parameters(model: nn.Module) -> dict[str, str]:
     """{name: name of the first module holding the same parameter} for every repeated parameter."""
     first, shared = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):

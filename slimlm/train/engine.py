@@ -284,15 +284,25 @@ class Trainer:
                               "resume with the recipe and overrides of the original run")
         if state.get("format") == "dcp":
             self._load_shards(path)
-        elif self.fsdp:
-            raise SlimlmError(f"checkpoint {folder} was written by one process or DDP: resume it with "
-                              "parallel.strategy=ddp (on any number of processes)")
         else:
             self._load_full(path)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         rank = distributed.world()[0]
         if rank:  # the saved RNG state is rank 0's: the other ranks draw their own dropout again
             torch.manual_seed(self.recipe["seed"] + 1_000_003 * rank + self.step)
+
+    def _load_full_into_shards(self, file: Path) -> tuple[list[str], list[str]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # safetensors stores tied weights (embeddings / LM head) once, under either name
+        owner = distributed.shared_parameters(self.model)
+        names = set(self.model.state_dict())
+        full = {owner.get(k, k): v for k, v in load_file(str(file)).items()}
+        missing = sorted({owner.get(n, n) for n in names} - set(full))
+        unexpected = sorted(set(full) - names)
+        if not (missing or unexpected):
+            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return missing, unexpected
 
     def _load_shards(self, path: Path) -> None:
         """A DCP checkpoint into this run's model and optimizer, sharded or not, on any process count."""
@@ -311,14 +321,19 @@ class Trainer:
         torch.set_rng_state(state["rng"])
 
     def _load_full(self, path: Path) -> None:
-        missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False)
+        """A full-state (one process / DDP) checkpoint; under FSDP every rank keeps its own rows of it."""
+        if self.fsdp:
+            missing, unexpected = self._load_full_into_shards(path / "model.safetensors")
+        else:
+            missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise SlimlmError(f"checkpoint {path} does not match the model: "
                               f"{(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
         tensors = load_file(str(path / "trainer.safetensors"))
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]  # the order of model.parameters()
         for i, p in enumerate(params):
             entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
             if entries:
-                self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
+                self.optimizer.state[p] = {k: sharded.shard_like(v.to(p.device), p).clone() if k != "step" else v
+                                           for k, v in entries.items()}
         torch.set_rng_state(tensors["rng.torch"])
