@@ -188,7 +188,10 @@ def lpaf_prune_stage(model, recipe: dict, teacher, train, valid, run_dir: Path, 
             trainer.save_checkpoint()  # stage 2 resumes from here
     # factorizing changes the model: drop stage 1's DDP wrapper (its gradient hooks), or under FSDP
     # gather the shards into a plain copy on every rank (each factorizes the same weights identically)
-    model = trainer.forward_model = trainer.unsharded_model(everywhere=True)
+    model = trainer.unsharded_model(everywhere=True)
+    # stage 2 needs neither stage 1's optimizer moments nor (FSDP) its shards: let them go
+    trainer.model = trainer.forward_model = model
+    trainer.optimizer = None
     return trainer, model, {name: model.get_submodule(name) for name in pruning.targets}
 
 
