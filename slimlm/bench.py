@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import kernels, models, output, quantize
+from . import kernels, models, oneshot, output, quantize
 from .errors import SlimlmError
 from .factorized import replace_module
 
@@ -41,10 +41,7 @@ DEFAULTS = {
 
 
 def resolve_settings(**given) -> dict:
-    unknown = set(given) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}")
-    settings = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    settings = oneshot.resolve_settings(DEFAULTS, **given)
     if not settings["model"] or not settings["dense"]:
         raise SlimlmError("bench needs the compressed model and its dense reference: pass --model and --dense")
     for key in ("batch_sizes", "seqlens", "layer_batches"):
@@ -155,8 +152,12 @@ def compare(dense: Callable, compressed: Callable, device: torch.device, repeats
     times = {"dense": [], "compressed": []}
     peaks = {"dense": None, "compressed": None}
     for r in range(repeats):
-        for which in (("dense", "compressed") if r % 2 == 0 else ("compressed", "dense")):
-            seconds, peak = timed(variants[which](), device, calls, memory=memory and r == 0)  # each variant once
+        order = ("dense", "compressed") if r % 2 == 0 else ("compressed", "dense")
+        for which in order:
+            # memory: each variant once, in the repeat where it runs first (right after the other
+            # variant's call), so neither inherits allocations the other paid for
+            measure = memory and which == order[0] and r < 2
+            seconds, peak = timed(variants[which](), device, calls, memory=measure)
             times[which].append(seconds)
             if peak is not None:
                 peaks[which] = peak
@@ -204,7 +205,7 @@ def plan_layers(loaded, settings: dict) -> list[dict]:
         weight = models.weight_matrix(module)
         quantized = {"bits": spec["bits"]} if name in codes else None
         kind = kernels.layer_kind(module, quantized)
-        group = quantize.group_size_of(spec) if quantized else None
+        group = quantize.group_size_of(spec["group_size"]) if quantized else None
         runnable, backend = kernels.runnable(name, module, kind, settings["sparse_kernel"], codes.get(name), group)
         plan.append({"name": name, "shape": tuple(weight.shape), "kind": kind, "module": runnable, "backend": backend})
     return plan
@@ -322,9 +323,9 @@ def run(settings: dict) -> dict:
     probe = torch.randint(dense.model.config.vocab_size, (1, 16),
                           generator=torch.Generator().manual_seed(settings["seed"])).to(device)
     with torch.inference_mode():
-        reference = output._outputs(compressed.model, probe)
+        reference = output.outputs_of(compressed.model, probe)
         runnable = to_runnable(compressed.model, plan)
-        kernel_diff = (output._outputs(runnable, probe) - reference).abs().max().item()
+        kernel_diff = (output.outputs_of(runnable, probe) - reference).abs().max().item()
     backend = backend_summary(plan)
 
     shapes = {(*layer["shape"], layer["kind"]) for layer in plan}

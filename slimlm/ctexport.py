@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from . import quantize
 from .errors import SlimlmError
+from .output import move_into_place
 
 FORMAT = "pack-quantized"
 
@@ -47,7 +48,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantization_config(spec: dict) -> dict:
-    group = quantize.group_size_of(spec)
+    group = quantize.group_size_of(spec["group_size"])
     weights = {"num_bits": spec["bits"], "type": "int", "symmetric": True, "dynamic": False,
                "strategy": "channel" if group is None else "group", "group_size": group, "actorder": None,
                "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
@@ -94,9 +95,7 @@ def export(source: Path, output: Path, overwrite: bool = False) -> dict:
         if output.exists() and not overwrite:
             raise SlimlmError(f"output folder {output} already exists: pass --overwrite")
         written = convert(source, tmp)
-        if output.exists():  # only now that the new folder is complete
-            shutil.rmtree(output)
-        tmp.rename(output)
+        move_into_place(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

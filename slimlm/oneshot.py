@@ -109,4 +109,4 @@ def _card(report: dict) -> str:
            "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
     tags = ["slimlm", "pruning", f"{report['method']}", f"sparsity-{report['sparsity'].replace(':', '-')}"]
     return output.model_card(f"{report['base_model']} — {report['method']} {report['sparsity']}",
-                             report["base_model"], summary, results, how, tags)
+                             report, summary, results, how, tags)

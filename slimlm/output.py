@@ -41,7 +41,7 @@ def versions() -> dict:
 
 
 @torch.no_grad()
-def _outputs(model, probe: torch.Tensor) -> torch.Tensor:
+def outputs_of(model, probe: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=probe)
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
 
@@ -52,7 +52,7 @@ def _verify(original: LoadedModel, folder: Path, probe: torch.Tensor, target_nam
     reloaded = load(str(folder), dtype=str(next(original.model.parameters()).dtype).replace("torch.", ""))
     device = next(original.model.parameters()).device
     reloaded.model.to(device)
-    diff = (_outputs(original.model, probe) - _outputs(reloaded.model, probe)).abs().max().item()
+    diff = (outputs_of(original.model, probe) - outputs_of(reloaded.model, probe)).abs().max().item()
     if diff > 1e-5:
         raise SlimlmError(f"reload check failed: outputs of the saved model differ by {diff:.3g}")
     if sparsity is not None and sparsity.is_nm:
@@ -82,19 +82,25 @@ def publish(loaded: LoadedModel, output: Path, overwrite: bool, settings: dict, 
         report["reload_check"] = _verify(loaded, tmp, probe, target_names, sparsity)
         (tmp / "slimlm.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "README.md").write_text(with_budget(card, report))
-        if output.exists():
-            if not overwrite:
-                raise SlimlmError(f"output folder {output} already exists: pass --overwrite")
-            old = output.with_name(f".{output.name}.old")
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(output)
+        (tmp / "README.md").write_text(card)
+        move_into_place(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_into_place(finished: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished folder to `output`; an existing one (with `overwrite`) is moved aside first
+    and deleted only once the new folder is in place."""
+    if output.exists():
+        if not overwrite:
+            raise SlimlmError(f"output folder {output} already exists: pass --overwrite")
+        old = output.with_name(f".{output.name}.old")
+        output.rename(old)
+        finished.rename(output)
+        shutil.rmtree(old)
+    else:
+        finished.rename(output)
 
 
 def spent(report: dict) -> tuple[int, float | None]:
@@ -105,9 +111,9 @@ def spent(report: dict) -> tuple[int, float | None]:
     return (calib["windows"] * calib["seqlen"] if calib else 0), report.get("prune_seconds", report.get("seconds"))
 
 
-def with_budget(card: str, report: dict) -> str:
-    """Every card states what the result cost, whichever command wrote it: tokens (and for one-shot
-    work, which calibration data), wall time and the library versions, above 'How to load'."""
+def budget_line(report: dict) -> str:
+    """What the result cost, whichever command wrote it: tokens (and for one-shot work, which
+    calibration data), wall time and the library versions."""
     tokens, seconds = spent(report)
     calib = report.get("calibration")
     if "tokens_seen" in report:
@@ -119,13 +125,14 @@ def with_budget(card: str, report: dict) -> str:
         what = "no calibration data"
     v = report.get("versions", {})
     line = (f"Budget: {what}; {seconds / 60:.1f} min wall time" if seconds is not None else f"Budget: {what}")
-    line += f" (slimlm {v.get('slimlm')}, torch {v.get('torch')})." if v else "."
-    return card.replace("## How to load", f"{line}\n\n## How to load", 1) if "## How to load" in card else card + line
+    return line + (f" (slimlm {v.get('slimlm')}, torch {v.get('torch')})." if v else ".")
 
 
-def model_card(title: str, base_model: str, summary: list[str], results: dict[str, float] | None,
+def model_card(title: str, report: dict, summary: list[str], results: dict[str, float] | None,
                how_to_load: str, tags: list[str]) -> str:
-    """A short model card with Hub-style front matter."""
+    """A short model card with Hub-style front matter: what was done (`summary`), its scores, what it
+    cost (from `report`, the same for every command) and how to load it."""
+    base_model = report["base_model"]
     lines = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in tags]
     if "/" in base_model and not Path(base_model).exists():
         lines.append(f"base_model: {base_model}")
@@ -134,7 +141,7 @@ def model_card(title: str, base_model: str, summary: list[str], results: dict[st
         lines += ["| evaluation | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
         lines.append("")
-    lines += ["## How to load", "", "```python", how_to_load.strip(), "```", "",
+    lines += [budget_line(report), "", "## How to load", "", "```python", how_to_load.strip(), "```", "",
               "Made with [slimlm](https://pypi.org/project/slimlm/); `report.json` holds every setting and "
               "measurement, `slimlm.yaml` the resolved settings.", ""]
     return "\n".join(lines)
@@ -143,11 +150,21 @@ def model_card(title: str, base_model: str, summary: list[str], results: dict[st
 TASKS_BEGIN, TASKS_END = "<!-- slimlm:lm-eval -->", "<!-- /slimlm:lm-eval -->"
 
 
+def write_atomically(path: str | Path, write) -> None:
+    """`write(tmp_path)` beside the destination, then rename: a reader never sees half a file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise SlimlmError(f"folder of {path} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _replace_file(path: Path, text: str) -> None:
-    """Write beside, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def task_section(tasks: dict) -> str:
@@ -155,13 +172,12 @@ def task_section(tasks: dict) -> str:
     lines = [TASKS_BEGIN, "## lm-evaluation-harness", "",
              "| task | metric | value | stderr | examples | shots | evaluated |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    from .tasks import scores
+
     for task, r in sorted(tasks.items()):
-        for metric, value in r["metrics"].items():
-            if isinstance(value, (int, float)):
-                err = r["stderr"].get(metric)
-                err = f"{err:.4f}" if isinstance(err, (int, float)) else "—"
-                lines.append(f"| {task} | {metric} | {value:.4f} | {err} | {r['samples']} | {r['num_fewshot']} | "
-                             f"{r['date'][:10]} |")
+        for metric, value, err in scores(r):
+            lines.append(f"| {task} | {metric} | {value:.4f} | {'—' if err is None else f'{err:.4f}'} | "
+                         f"{r['samples']} | {r['num_fewshot']} | {r['date'][:10]} |")
     return "\n".join(lines + ["", TASKS_END])
 
 

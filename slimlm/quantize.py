@@ -44,7 +44,7 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     if settings["bits"] not in quant.BITS:
         raise SlimlmError(f"--bits {settings['bits']} is not supported: choose 4 or 8")
     out_path = output.check_output_dir(output_dir, overwrite) if output_dir else None
-    group = None if settings["group_size"] in (None, -1, 0) else settings["group_size"]
+    group = group_size_of(settings["group_size"])
     loaded = models.load(settings["model"], device=settings["device"])
     targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -162,9 +162,15 @@ def read_codes(folder: Path, spec: dict) -> dict[str, tuple[torch.Tensor, torch.
     return layers
 
 
-def group_size_of(spec: dict) -> int | None:
-    """The group size of config.slimlm_quant as quant.py takes it (None: one scale per output channel)."""
-    return None if spec["group_size"] in (None, -1) else spec["group_size"]
+def group_size_of(group_size: int | None) -> int | None:
+    """A --group-size (or config.slimlm_quant's) as quant.py takes it: None for one scale per output
+    channel, which the options spell -1 (or 0, or nothing)."""
+    return None if group_size in (None, -1, 0) else group_size
+
+
+def describe_group(group_size: int | None) -> str:
+    group = group_size_of(group_size)
+    return "per channel" if group is None else f"group {group}"
 
 
 def load_into(model, folder: Path, spec: dict) -> None:
@@ -175,13 +181,13 @@ def load_into(model, folder: Path, spec: dict) -> None:
             W = models.weight_matrix(model.get_submodule(name))
             if tuple(W.shape) != tuple(layer_codes.shape):
                 raise SlimlmError(f"{folder}: layer {name} is {tuple(W.shape)} but its codes are {tuple(layer_codes.shape)}")
-            W.copy_(quant.dequantize(layer_codes, scales, group_size_of(spec)).to(W.dtype))
+            W.copy_(quant.dequantize(layer_codes, scales, group_size_of(spec["group_size"])).to(W.dtype))
 
 
 def _card(report: dict) -> str:
     s, z = report["settings"], report["sizes"]
     summary = [f"`{report['base_model']}` with the weights of {len(report['layers'])} layers quantized to "
-               f"**int{s['bits']}** ({'group ' + str(s['group_size']) if s['group_size'] not in (None, -1, 0) else 'per channel'}, "
+               f"**int{s['bits']}** ({describe_group(s['group_size'])}, "
                f"{s['method'].upper()}, symmetric, zeros kept exact).",
                f"Target weights: {z['stored_bytes']:,} bytes stored (fp16 dense: {z['dense_fp16_bytes']:,}; "
                f"2:4 fp16: {z['sparse_24_fp16_bytes']:,}); layers packed as 2:4: "
@@ -194,5 +200,5 @@ def _card(report: dict) -> str:
                "from transformers import AutoModelForCausalLM, CompressedTensorsConfig\n"
                "model = AutoModelForCausalLM.from_pretrained(\"PATH\", quantization_config="
                "CompressedTensorsConfig(dequantize=True))")
-    return output.model_card(f"{report['base_model']} — int{s['bits']} {s['method']}", report["base_model"],
+    return output.model_card(f"{report['base_model']} — int{s['bits']} {s['method']}", report,
                              summary, results, how, ["slimlm", "quantization", f"int{s['bits']}", s["method"]])

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from .errors import SlimlmError
 from .output import spent
+from .quantize import describe_group
+from .tasks import scores
 
 
 def _read_report(folder: Path) -> dict:
@@ -106,8 +108,7 @@ def _budget(report: dict) -> str:
     command = report.get("command")
     if command == "quantize":
         s = report["settings"]
-        group = s.get("group_size")
-        return f"int{s['bits']}, " + (f"group {group}" if group not in (None, -1, 0) else "per channel")
+        return f"int{s['bits']}, {describe_group(s.get('group_size'))}"
     if report.get("sparsity"):
         return str(report["sparsity"])
     if report.get("keep") is not None:
@@ -183,9 +184,7 @@ def _task_columns(rows: list[dict]) -> list[tuple[str, str]]:
     columns = []
     for row in rows:
         for task, r in row["tasks"].items():
-            for metric, value in r["metrics"].items():
-                if isinstance(value, (int, float)) and (task, metric) not in columns:
-                    columns.append((task, metric))
+            columns += [(task, metric) for metric, _, _ in scores(r) if (task, metric) not in columns]
     return columns
 
 
@@ -204,10 +203,11 @@ def _fmt_seconds(s) -> str:
 
 
 def _fmt_task(r: dict | None, metric: str) -> str:
-    if not r or not isinstance(r["metrics"].get(metric), (int, float)):
+    found = [(value, err) for m, value, err in scores(r) if m == metric] if r else []
+    if not found:
         return "—"
-    err = r["stderr"].get(metric)
-    return f"{r['metrics'][metric]:.3f}" + (f" ± {err:.3f}" if isinstance(err, (int, float)) else "")
+    value, err = found[0]
+    return f"{value:.3f}" + (f" ± {err:.3f}" if err is not None else "")
 
 
 def render(rows: list[dict], names: list[str], plots: dict[str, str]) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .tasks import scores
+
 MARKERS = "osD^vP*Xph<>"
 
 
@@ -32,9 +34,9 @@ def quality_panels(rows: list[dict], names: list[str]) -> list[tuple[str, list[t
         if r["value"] is not None:
             panels.setdefault(f"{r['metric']} on {r['evaluated_on']}", []).append((i, r["kept"], r["value"]))
         for task, t in r["tasks"].items():
-            metric = next((m for m, v in t["metrics"].items() if isinstance(v, (int, float))), None)
-            if metric:
-                panels.setdefault(f"{task} ({metric}, lm-eval)", []).append((i, r["kept"], t["metrics"][metric]))
+            first = scores(t)[:1]  # a task's first metric is its headline one (acc before acc_norm)
+            for metric, value, _ in first:
+                panels.setdefault(f"{task} ({metric}, lm-eval)", []).append((i, r["kept"], value))
     return list(panels.items())
 
 
@@ -78,8 +80,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def token_axis(history: list[dict]) -> list[float]:
-    """Training tokens at each record, counted over the whole run: LPAF's two stages each count from
-    zero, so a drop starts a new stage on top of the previous one. Records without tokens use the step."""
+    """Training tokens at each record, counted over the whole run. Runs published before slimlm counted
+    LPAF's tokens over the whole run restarted the count at its second stage: a drop starts a new stage
+    on top of the previous one. Records without tokens use the step."""
     xs, offset, last = [], 0, 0
     for h in history:
         t = h.get("tokens", h["step"])

@@ -105,14 +105,21 @@ def run_tasks(loaded: LoadedModel, names: list[str], include_path: list[str] | N
     return summarize(results, settings)
 
 
+def scores(task_result: dict) -> list[tuple[str, float, float | None]]:
+    """(metric, value, standard error or None) for each numeric metric of one task's result."""
+    out = []
+    for metric, value in task_result["metrics"].items():
+        if isinstance(value, (int, float)):
+            err = task_result["stderr"].get(metric)
+            out.append((metric, value, err if isinstance(err, (int, float)) else None))
+    return out
+
+
 def format_table(tasks: dict) -> str:
     """One line per task and metric: value ± stderr (n examples)."""
     lines = []
     for task, r in tasks.items():
-        for metric, value in r["metrics"].items():
-            if not isinstance(value, (int, float)):
-                continue
-            err = r["stderr"].get(metric)
-            pm = f" ± {err:.4f}" if isinstance(err, (int, float)) else ""
+        for metric, value, err in scores(r):
+            pm = f" ± {err:.4f}" if err is not None else ""
             lines.append(f"{task:<24} {metric:<12} {value:.4f}{pm}  ({r['samples']} examples)")
     return "\n".join(lines)

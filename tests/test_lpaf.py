@@ -165,6 +165,10 @@ def test_lpaf_end_to_end_exports_factors_that_reload_identically(classifier, bro
     assert isinstance(layer, LowRankLinear) and layer.rank == config["slimlm_lowrank"][p["targets"][0]]
     history = report_history(out)
     assert history[5]["keep"] < 1 and history[-1]["lowrank_prob"] == 1.0  # pruning, then low-rank
+    # steps and tokens count over both stages
+    assert [h["step"] for h in history] == list(range(1, 13))
+    tokens = [h["tokens"] for h in history]
+    assert tokens == sorted(tokens) and tokens[-1] == report["tokens_seen"]
     assert "slimlm.load" in (out / "README.md").read_text()
 
 

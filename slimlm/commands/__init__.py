@@ -20,3 +20,13 @@ def add_calibrated_job_arguments(p, solver: str) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
+
+
+def settings_from(args, defaults: dict) -> dict:
+    """The parsed options that a job's settings know (the job's resolve_settings fills in the rest)."""
+    return {k: v for k, v in vars(args).items() if k in defaults}
+
+
+def print_perplexities(report: dict) -> None:
+    for name, ev in report["evaluation"].items():
+        print(f"perplexity ({name}): {ev['perplexity']:.3f}")

@@ -1,8 +1,9 @@
 import json
-import os
 from pathlib import Path
 
 from .. import bench
+from ..output import write_atomically
+from . import settings_from
 from ..errors import SlimlmError
 
 HELP = ("Latency and throughput of a compressed model (2:4, low-rank, quantized) against its dense reference: "
@@ -42,23 +43,13 @@ def add_arguments(p):
     p.add_argument("--plot", help="write a PNG of speed-up vs batch size here")
 
 
-def _write_atomically(path: str, write) -> None:
-    """Write next to the destination under a temporary name, then rename: no half-written files."""
-    target = Path(path)
-    if not target.parent.exists():
-        raise SlimlmError(f"folder of {path} does not exist")
-    tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
-    write(str(tmp))
-    os.replace(tmp, target)
-
-
 def run(args):
     for key in ("batch_sizes", "seqlens", "layer_batches"):
         setattr(args, key, _ints(getattr(args, key), "--" + key.replace("_", "-")))
     for path in (args.json, args.plot):
         if path and not Path(path).parent.exists():  # before minutes of timing, not after
             raise SlimlmError(f"folder of {path} does not exist")
-    settings = bench.resolve_settings(**{k: v for k, v in vars(args).items() if k in bench.DEFAULTS})
+    settings = bench.resolve_settings(**settings_from(args, bench.DEFAULTS))
     result = bench.run(settings)
     print(f"{result['model']} vs dense {result['dense']} on {result['device']}")
     print(bench.format_table(result))
@@ -68,8 +59,8 @@ def run(args):
     for line in bench.summary(result):
         print(line)
     if args.json:
-        _write_atomically(args.json, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+        write_atomically(args.json, lambda p: p.write_text(json.dumps(result, indent=2)))
         print(f"json -> {args.json}")
     if args.plot:
-        _write_atomically(args.plot, lambda p: bench.plot(result, p))
+        write_atomically(args.plot, lambda p: bench.plot(result, str(p)))
         print(f"plot -> {args.plot}")

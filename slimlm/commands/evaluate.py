@@ -51,7 +51,8 @@ def _tasks(loaded, args):
                        args.seqlen, args.seed)
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "tasks": result}, indent=2))
+        text = json.dumps({"model": args.model, "tasks": result}, indent=2)
+        output.write_atomically(args.json, lambda p: p.write_text(text))
     folder = Path(args.model)
     if not args.no_report and (folder / "report.json").is_file():
         output.record_task_scores(folder, result)
@@ -76,7 +77,8 @@ def _write_json(args, result):
         path = Path(args.json)
         if args.tasks and path.is_file():
             result = {**json.loads(path.read_text()), **result}
-        path.write_text(json.dumps(result, indent=2))
+        text = json.dumps(result, indent=2)
+        output.write_atomically(path, lambda p: p.write_text(text))
 
 
 def _accuracy(loaded, args):

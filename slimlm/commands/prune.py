@@ -1,5 +1,5 @@
 from .. import oneshot
-from . import add_calibrated_job_arguments
+from . import add_calibrated_job_arguments, print_perplexities, settings_from
 from ..prune import METHODS
 
 HELP = "Prune a model one-shot (magnitude, Wanda, SparseGPT) to N:M or unstructured sparsity."
@@ -15,11 +15,9 @@ def add_arguments(p):
 
 
 def run(args):
-    keys = set(oneshot.DEFAULTS)
-    settings = oneshot.resolve_settings(**{k: v for k, v in vars(args).items() if k in keys})
+    settings = oneshot.resolve_settings(**settings_from(args, oneshot.DEFAULTS))
     report = oneshot.run(settings, args.output, args.overwrite)
     t = report["totals"]
     print(f"pruned {t['target_layers']} layers with {report['method']} to {report['sparsity']} "
           f"({t['target_sparsity']:.1%} zeros) in {report['prune_seconds']:.1f}s -> {args.output}")
-    for name, ev in report["evaluation"].items():
-        print(f"perplexity ({name}): {ev['perplexity']:.3f}")
+    print_perplexities(report)

@@ -1,5 +1,5 @@
 from .. import quantize
-from . import add_calibrated_job_arguments
+from . import add_calibrated_job_arguments, print_perplexities, settings_from
 
 HELP = ("Quantize the weights of a (2:4 sparse, low-rank or dense) model to int8/int4, RTN or GPTQ, keeping "
         "its zeros exact; writes packed codes that slimlm.load rebuilds.")
@@ -17,10 +17,9 @@ def add_arguments(p):
 
 
 def run(args):
-    settings = quantize.resolve_settings(**{k: v for k, v in vars(args).items() if k in quantize.DEFAULTS})
+    settings = quantize.resolve_settings(**settings_from(args, quantize.DEFAULTS))
     report = quantize.run(settings, args.output, args.overwrite)
     z = report["sizes"]
     print(f"quantized {len(report['layers'])} layers to int{settings['bits']} ({settings['method']}): target weights "
           f"{z['stored_bytes']:,} bytes (fp16 dense {z['dense_fp16_bytes']:,}) -> {args.output}")
-    for name, ev in report["evaluation"].items():
-        print(f"perplexity ({name}): {ev['perplexity']:.3f}")
+    print_perplexities(report)

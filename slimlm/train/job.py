@@ -94,10 +94,11 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
         distributed.barrier()
         return None
     extras = hooks.export(loaded.model)
-    history, offset = [], 0  # LPAF's two stages each count from 1: number the steps of the whole run
+    # LPAF's two stages each count steps and tokens from zero: count them over the whole run
+    history, steps, tokens = [], 0, 0
     for t in trainers:
-        history += [{**h, "step": h["step"] + offset} for h in t.history]
-        offset += t.step
+        history += [{**h, "step": h["step"] + steps, "tokens": h["tokens"] + tokens} for h in t.history]
+        steps, tokens = steps + t.step, tokens + t.tokens_seen
     metric = trainers[-1].valid.metric if trainers[-1].valid is not None else None
     report = {
         "command": "finetune" if name == "finetune" else "train", "method": name,
@@ -290,4 +291,4 @@ def _card(report: dict) -> str:
     else:
         how = f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"PATH\")"
     tags = ["slimlm", name] + ([f"sparsity-{report['sparsity'].replace(':', '-')}"] if report["sparsity"] else [])
-    return output.model_card(f"{report['base_model']} — {name}", report["base_model"], summary, results, how, tags)
+    return output.model_card(f"{report['base_model']} — {name}", report, summary, results, how, tags)
