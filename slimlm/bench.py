@@ -12,9 +12,8 @@ Two kinds of rows, each measured for the dense and the compressed variant altern
 The speed-up of a row is the median over repeats of dense time / compressed time of the same repeat;
 below 1 the compressed model is slower, and the row says so. Peak memory: on CUDA the peak of
 torch.cuda.max_memory_allocated during the call above what was allocated before it (activations and
-workspaces; the weights are reported apart); on CPU the rise of the process's peak resident set
-(Linux VmHWM, reset before the call) above its resident set before it, a lower bound because the
-allocator may reuse memory it already holds.
+workspaces); on CPU it is not measured (see memory_measure). The weights held in memory are reported
+for both variants on every device.
 """
 from __future__ import annotations
 
@@ -65,68 +64,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _proc_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def memory_measure(device: torch.device) -> str:
     if device.type == "cuda":
         return "CUDA: peak torch.cuda.max_memory_allocated during the call minus the allocation before it"
-    if _proc_kb("VmHWM") is None:
-        return "unavailable: no /proc/self/status on this system"
-    return ("CPU: rise of the process's peak resident set (VmHWM, reset via /proc/self/clear_refs) above the "
-            "resident set before the call, with glibc's mmap threshold fixed at 64 KiB so that freed tensors "
-            "go back to the system; a lower bound where the allocator still reuses memory it holds")
-
-
-_MMAP_SET = False
-
-
-def _return_freed_memory() -> None:
-    """glibc keeps freed blocks (and raises its mmap threshold as big blocks are freed), so a second
-    forward would reuse memory and show no rise in RSS. A fixed 64 KiB mmap threshold makes every
-    tensor-sized block its own mapping, returned to the system when freed."""
-    global _MMAP_SET
-    if _MMAP_SET or platform.system() != "Linux":
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    _MMAP_SET = True
+    # Tried and dropped: the rise of the process's peak resident set (VmHWM) during the call. The
+    # allocator keeps freed memory, so it read 0 for every call but the first of a process (whichever
+    # variant that was), even with glibc's mmap threshold pinned: a number that says nothing.
+    return "CPU: not measured (the resident set does not show a call's own allocations); see weights_bytes"
 
 
 def _reset_peak(device: torch.device) -> int | None:
-    """Start a peak measurement; returns the baseline in bytes (None: cannot measure here)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    _return_freed_memory()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    except OSError:
+    """Start a peak measurement; returns the baseline in bytes (None: not measured on this device)."""
+    if device.type != "cuda":
         return None
-    rss = _proc_kb("VmRSS")
-    return None if rss is None else rss * 1024
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 def _peak_above(device: torch.device, baseline: int | None) -> int | None:
-    if baseline is None:
-        return None
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) - baseline
-    hwm = _proc_kb("VmHWM")
-    return None if hwm is None else max(0, hwm * 1024 - baseline)
+    return None if baseline is None else torch.cuda.max_memory_allocated(device) - baseline
 
 
 def timed(fn, device: torch.device, calls: int = 1, memory: bool = False) -> tuple[float, int | None]:
