@@ -1,12 +1,23 @@
-"""AST benchmark: smollm2-135m at 2:4 on State of the Union text, every training method at one token budget.
+"""AST at equal budget: what each of its parts adds over plain fine-tuning of a one-shot mask (issue 12).
 
-Rows: dense and the one-shot methods (from benchmarks/results/oneshot.json when present: same model,
-same test protocol), then `naive`, `gmp`, `ast`, `ast-slorb` trained through `slimlm train` with
-the same number of steps (same tokens). Training uses sotu/train.txt, validation perplexity on
-sotu/valid.txt is logged during training, and the reported number is perplexity on sotu/test.txt in
-1024-token windows. Also measures the throughput ratio of an AST step to a dense step with the same KD.
+Every trained row starts from the same one-shot 2:4 mask (Wanda by default), sees the same tokens of
+sotu/train.txt in the same order, and changes one thing from the row before it:
 
-    python benchmarks/ast_training.py --data ../shared/data/sotu --minutes-per-run 15
+    naive           cross-entropy, fixed mask                       (recipe naive)
+    fixed+kd        + distillation from the dense teacher          (naive + method.distill.enabled=true)
+    ast-no-decay    + adaptive masks (refreshes, straight-through)  (recipe ast, method.decay.mode=none)
+    ast             + annealed decay of pruned weights              (recipe ast)
+    ast-slorb       + SLoRB side paths, X trainable                 (recipe ast-slorb)
+
+plus the one-shot rows of benchmarks/results/oneshot.json (same model and test protocol). Reported:
+perplexity on sotu/test.txt in 1024-token windows, the flip rate of every refresh, the decay achieved
+(integrated lr*lambda and the pruned weights' RMS relative to the start), wall time, and the mean
+step time of each row against a dense step with the same distillation, measured in the same run.
+
+Resumable: a row already in the results file is skipped, an interrupted row resumes from its last
+checkpoint. Results: OUT.json (a list of rows), OUT.md (the table), OUT_curves.png.
+
+    nohup python benchmarks/ast_training.py --data ../shared/data/sotu --steps 250 > ast_budget.log 2>&1 &
 """
 import argparse
 import copy
@@ -14,10 +25,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
+import tempfile
 import time
 from pathlib import Path
-
-import tempfile
 
 import torch
 import transformers
@@ -25,12 +36,20 @@ import transformers
 import slimlm
 from slimlm import data, models, recipe
 from slimlm.evaluate import perplexity
+from slimlm.train import budget
 from slimlm.train.distill import distill_loss, make_teacher
 from slimlm.train.engine import Hooks, Trainer
+from slimlm.train.job import checkpoint_dir
 from slimlm.train.job import run as train_run
-from slimlm.train.sparse import SparseTraining
 
-METHODS = ["naive", "gmp", "ast", "ast-slorb"]
+# name -> (recipe, overrides): each row changes one thing from the one before it
+ROWS = {
+    "naive": ("naive", []),
+    "fixed+kd": ("naive", ["method.distill.enabled=true"]),
+    "ast-no-decay": ("ast", ["method.decay.mode=none"]),
+    "ast": ("ast", []),
+    "ast-slorb": ("ast-slorb", []),
+}
 
 
 class DenseKD(Hooks):
@@ -40,113 +59,158 @@ class DenseKD(Hooks):
         self.distill = recipe["method"]["distill"]
 
     def setup(self, trainer):
-        self.teacher = make_teacher(trainer.model, self.distill)
+        self.teacher = make_teacher(trainer.model, self.distill, trainer.bf16)
 
     def loss(self, model, batch):
         return distill_loss(model, self.teacher, batch, self.distill)
 
 
-def step_seconds(rec, hooks_factory, steps=4):
-    loaded = models.load(rec["model"])
+def dense_kd_step_seconds(rec: dict, steps: int = 4) -> float:
+    """Mean seconds of a dense step with distillation (after one warm-up step)."""
+    loaded = models.load(rec["model"], device=rec["train"]["device"])
     stream = data.load_tokens(loaded.tokenizer, rec["data"]["valid"])
     r = copy.deepcopy(rec)
     r["train"]["steps"] = steps + 1
-    trainer = Trainer(loaded.model, hooks_factory(r, loaded.tokenizer), r, stream, None, Path(tempfile.mkdtemp()))
-    trainer.train(until=1)  # warm-up step
-    start = time.perf_counter()
-    trainer.train()
-    return (time.perf_counter() - start) / steps
+    trainer = Trainer(loaded.model, DenseKD(r), r, stream, None, Path(tempfile.mkdtemp()))
+    return statistics.mean(h["step_seconds"] for h in trainer.train()[1:])
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data/sotu")
-    ap.add_argument("--minutes-per-run", type=float, default=15.0)
-    ap.add_argument("--steps", type=int, help="fix the step count instead of deriving it from --minutes-per-run")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    ap.add_argument("--runs", default="runs/bench-ast")
-    ap.add_argument("--out", default="benchmarks/results/ast")
+    ap.add_argument("--steps", type=int, default=250, help="optimizer steps per row (every row sees the same tokens)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    ap.add_argument("--init", default="wanda", help="the one-shot start of every row: wanda | sparsegpt | magnitude")
+    ap.add_argument("--test-windows", type=int, default=None, help="limit the test perplexity to this many windows")
+    ap.add_argument("--runs", default="runs/bench-ast-budget")
+    ap.add_argument("--out", default="benchmarks/results/ast_budget")
     ap.add_argument("--oneshot", default="benchmarks/results/oneshot.json")
-    ap.add_argument("overrides", nargs="*", help="recipe overrides applied to every method")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides applied to every row (e.g. train.device=cuda)")
     args = ap.parse_args()
     d = args.data
-    common = [f"data.train={d}/train.txt", f"data.valid={d}/valid.txt", *args.overrides]
+    common = [f"data.train={d}/train.txt", f"data.valid={d}/valid.txt", f"method.init={args.init}",
+              f"train.steps={args.steps}", f"train.eval_every={max(1, args.steps // 5)}",
+              f"train.save_every={max(1, args.steps // 5)}", *args.overrides]
     base = recipe.resolve("ast", common)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     os.makedirs(args.runs, exist_ok=True)
+    tokens = args.steps * base["train"]["batch_size"] * base["train"]["grad_accum"] * base["data"]["seqlen"]
+    meta = {"date": datetime.date.today().isoformat(), "machine": machine(base["train"]["device"]),
+            "torch": torch.__version__, "model": base["model"], "init": args.init, "steps": args.steps,
+            "seqlen": base["data"]["seqlen"], "batch_size": base["train"]["batch_size"], "lr": base["train"]["lr"],
+            "bf16": budget.use_bf16(base["train"]["bf16"], base["train"]["device"])}
+    results = Path(args.out + ".json")
+    rows = [r for r in json.loads(results.read_text()) if r.get("steps") == args.steps] if results.exists() else []
+    done = {r["method"] for r in rows}
 
-    # 1. throughput: AST step vs dense step with the same KD
-    t_dense = step_seconds(base, lambda r, tok: DenseKD(r))
-    t_ast = step_seconds(base, lambda r, tok: SparseTraining(r, tok))
-    steps = args.steps or max(10, int(args.minutes_per_run * 60 / t_ast))
-    tokens = steps * base["train"]["batch_size"] * base["train"]["grad_accum"] * base["data"]["seqlen"]
-    print(f"dense+KD step {t_dense:.2f}s, AST step {t_ast:.2f}s (ratio {t_dense / t_ast:.2f}); "
-          f"budget {steps} steps = {tokens:,} tokens per method", flush=True)
-
-    rows = []
-    if os.path.exists(args.oneshot):
-        for r in json.load(open(args.oneshot))["rows"]:
-            if r["sparsity"] in ("-", "2:4"):
-                rows.append({"method": r["method"] + ("" if r["method"] == "dense" else " (one-shot)"),
-                             "test_ppl": r["perplexity"], "tokens": 0, "source": args.oneshot})
+    if "dense+kd step" not in done:
+        rows.append({"method": "dense+kd step", "tokens": 0, "test_ppl": None, "seconds": None, **meta,
+                     "step_seconds": dense_kd_step_seconds(base)})
+        _write(args, rows, base, tokens)
+    dense_step = next(r["step_seconds"] for r in rows if r["method"] == "dense+kd step")
+    print(f"dense step with KD: {dense_step:.2f}s; {args.steps} steps = {tokens:,} tokens per row", flush=True)
 
     test = None
-    curves = {}
-    for name in args.methods.split(","):
+    for name in args.rows.split(","):
+        if name in done:
+            continue
+        name_recipe, extra = ROWS[name]
+        rec = recipe.resolve(name_recipe, common + extra)
         out = Path(args.runs) / name
-        rec = recipe.resolve(name, common + [f"train.steps={steps}", f"train.eval_every={max(1, steps // 6)}",
-                                             f"train.save_every={steps + 1}"])
+        checkpoints = sorted(checkpoint_dir(str(out)).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        resume = str(checkpoints[-1]) if checkpoints and not out.exists() else None
         start = time.perf_counter()
-        report = train_run(rec, str(out), overwrite=True)
+        if not out.exists():
+            train_run(rec, str(out), overwrite=resume is None, resume=resume)
         seconds = time.perf_counter() - start
-        model = slimlm.load(str(out))
+        report = json.loads((out / "report.json").read_text())
+        history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        model = slimlm.load(str(out), device=rec["train"]["device"])
         if test is None:
             tok = transformers.AutoTokenizer.from_pretrained(out)  # the tokenizer alone, not a second model
             test = data.load_tokens(tok, f"{d}/test.txt")
-        ppl = perplexity(model, test, 1024)["perplexity"]
-        final_val = [h["val_ppl"] for h in report_history(out) if "val_ppl" in h][-1]
-        rows.append({"method": name, "test_ppl": ppl, "final_val_ppl": final_val, "tokens": tokens,
-                     "train_seconds": seconds, "slorb_parameters": report.get("slorb_parameters", 0)})
-        curves[name] = report_history(out)
-        print(rows[-1], flush=True)
-        _write(args, rows, curves, steps, tokens, t_dense, t_ast, base)
+        ppl = perplexity(model, test, 1024, max_windows=args.test_windows)["perplexity"]
+        del model
+        final = history[-1]
+        step_s = statistics.median(h["step_seconds"] for h in history if "step_seconds" in h)
+        rows.append({
+            "method": name, "recipe": name_recipe, "overrides": extra, "tokens": report["tokens_seen"],
+            "test_ppl": ppl, "final_val_ppl": next((h["val_ppl"] for h in reversed(history) if "val_ppl" in h), None),
+            "seconds": seconds if not resume else None, "train_seconds": report["seconds"],
+            "step_seconds": step_s, "step_to_dense_kd": step_s / dense_step,
+            "flip_rates": [[h["step"], h["mask_flip_rate"]] for h in history if "mask_flip_rate" in h],
+            "mask_interval": report.get("mask_interval"), "lambda_max": report.get("lambda_max"),
+            "decay_integral": final.get("decay_integral"), "pruned_rms_ratio": final.get("pruned_rms_ratio"),
+            "slorb_parameters": report.get("slorb_parameters", 0), **meta})
+        print({k: rows[-1][k] for k in ("method", "tokens", "test_ppl", "step_seconds", "decay_integral")}, flush=True)
+        _write(args, rows, base, tokens)
 
 
-def report_history(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+def machine(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
-def _write(args, rows, curves, steps, tokens, t_dense, t_ast, base):
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-            "torch": torch.__version__, "steps": steps, "tokens_per_method": tokens,
-            "seqlen": base["data"]["seqlen"], "batch_size": base["train"]["batch_size"], "lr": base["train"]["lr"],
-            "dense_kd_step_s": t_dense, "ast_step_s": t_ast, "ast_to_dense_throughput": t_dense / t_ast}
-    json.dump({"meta": meta, "rows": rows}, open(args.out + ".json", "w"), indent=2)
-    # the final validation number, not the best: GMP's best is from its early, still dense steps
-    lines = [f"| method | training tokens | test perplexity (1024) | final valid perplexity ({base['data']['seqlen']}) |",
-             "| --- | ---: | ---: | ---: |"]
+def _write(args, rows, base, tokens):
+    Path(args.out + ".json").write_text(json.dumps(rows, indent=2))
+    lines = ["| method | training tokens | test perplexity (1024) | final valid perplexity | flips at first / last refresh "
+             "| decay ∫lr·λ | pruned RMS vs start | step time vs dense KD | wall time |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    if os.path.exists(args.oneshot):
+        for r in json.load(open(args.oneshot))["rows"]:
+            if r["sparsity"] in ("-", "2:4"):
+                name = r["method"] + ("" if r["method"] == "dense" else " (one-shot)")
+                lines.append(f"| {name} | 0 | {r['perplexity']:.2f} | - | - | - | - | - | - |")
+
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else "-"
+
     for r in rows:
-        val = f"{r['final_val_ppl']:.2f}" if r.get("final_val_ppl") else "-"
-        lines.append(f"| {r['method']} | {r['tokens']:,} | {r['test_ppl']:.2f} | {val} |")
-    open(args.out + ".md", "w").write("\n".join(lines) + "\n")
+        if r["test_ppl"] is None:
+            continue
+        flips = r["flip_rates"]
+        flip = f"{flips[0][1]:.3%} / {flips[-1][1]:.3%}" if flips else "-"
+        lines.append(f"| {r['method']} | {r['tokens']:,} | {r['test_ppl']:.2f} | {fmt(r['final_val_ppl'], '.2f')} | {flip} "
+                     f"| {fmt(r['decay_integral'], '.3g')} | {fmt(r['pruned_rms_ratio'], '.2f')} "
+                     f"| {r['step_to_dense_kd']:.2f}× | {fmt(r['train_seconds'] and r['train_seconds'] / 60, '.0f')} min |")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    _plot(args, rows, base, tokens)
 
+
+def _plot(args, rows, base, tokens):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, recs in curves.items():
-        axes[0].plot([r["step"] for r in recs], [r["ce"] for r in recs], label=name)
-        pts = [(r["step"], r["val_ppl"]) for r in recs if "val_ppl" in r]
-        axes[1].plot(*zip(*pts), marker="o", label=name)
-    axes[0].set(title="training cross-entropy", xlabel="step")
-    axes[1].set(title="validation perplexity", xlabel="step", yscale="log")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in rows:
+        metrics = Path(args.runs) / r["method"] / "metrics.jsonl"
+        if r["test_ppl"] is None or not metrics.exists():
+            continue
+        recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+        steps = [h["step"] for h in recs]
+        ce = [h["ce"] for h in recs]
+        smooth = [sum(ce[max(0, i - 9): i + 1]) / len(ce[max(0, i - 9): i + 1]) for i in range(len(ce))]
+        axes[0].plot(steps, smooth, label=r["method"])
+        pts = [(h["step"], h["val_ppl"]) for h in recs if "val_ppl" in h]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=r["method"])
+        if r["flip_rates"]:
+            axes[2].plot([s for s, _ in r["flip_rates"]], [100 * f for _, f in r["flip_rates"]], marker=".", label=r["method"])
+    axes[0].set(title="training cross-entropy (10-step mean)", xlabel="step")
+    axes[1].set(title="validation perplexity (256-token windows)", xlabel="step", yscale="log")
+    axes[2].set(title="mask entries flipped per refresh (%)", xlabel="step", yscale="log")
     for ax in axes:
-        ax.legend()
-    fig.suptitle(f"{base['model']} {base['method']['sparsity']}, {tokens:,} tokens per method")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(f"{base['model']} {base['method']['sparsity']} from a {args.init} mask, {tokens:,} tokens per row")
     fig.tight_layout()
     fig.savefig(args.out + "_curves.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -57,14 +57,28 @@ def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 def magnitude_nm_mask(module: nn.Module, n: int, m: int, keep_per_group: int | None = None,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
     """Magnitude N:M mask of the module's current dense weight (or of `weight`, same layout), in stored
-    orientation. `keep_per_group` overrides n (gradual pruning passes through 4:4, 3:4, 2:4).
-    A row-sharded (FSDP) weight: each rank masks its own rows, then the row masks are all-gathered
-    (never the weights); a weight sharded across its inputs is gathered first."""
+    orientation. `keep_per_group` overrides n (gradual pruning passes through 4:4, 3:4, 2:4)."""
+    return score_nm_mask(module, keep_per_group if keep_per_group is not None else n, m, weight=weight)
+
+
+def score_nm_mask(module: nn.Module, n: int, m: int, input_scale: torch.Tensor | None = None,
+                  margin: float | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """N:M mask of the score |W| (magnitude) or |W_ij| * input_scale_j (activation-aware: input_scale =
+    ||x_j||, Wanda's score), of the module's dense weight (or `weight`, same layout), in stored
+    orientation. `margin`: hysteresis against the module's current mask (sparsity.nm_mask); None: no
+    incumbent. A row-sharded (FSDP) weight: each rank masks its own rows, then the row masks are
+    all-gathered (never the weights); a weight sharded across its inputs is gathered first."""
     stored = dense_weight(module).detach() if weight is None else weight
     if sharded.is_sharded(stored) and sharded.shard_dim(stored) != (1 if is_transposed(module) else 0):
         stored = sharded.full(stored)  # sharded across the inputs (see distributed._row_placements)
     rows = as_out_in(module, sharded.local(stored))
-    mask = as_out_in(module, nm_mask(rows.abs(), keep_per_group if keep_per_group is not None else n, m))
+    scores = rows.abs().float()
+    if input_scale is not None:
+        scores = scores * input_scale.to(scores.device).reshape(1, -1)
+    incumbent = None
+    if margin is not None:
+        incumbent = as_out_in(module, sharded.local(sharded.shard_like(get_mask(module), stored)))
+    mask = as_out_in(module, nm_mask(scores, n, m, incumbent=incumbent, margin=margin or 0.0))
     return sharded.gather_like(mask, stored)
 
 

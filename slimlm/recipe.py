@@ -6,6 +6,7 @@ key's type (None means "text or null"). Unknown keys and wrong types are errors 
 from __future__ import annotations
 
 import copy
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -19,8 +20,12 @@ DEFAULTS = {
     # text data is packed into windows of seqlen tokens; labeled JSONL (classifiers) is cut at max_length
     "data": {"train": None, "valid": None, "seqlen": 256, "eval_windows": 16, "max_length": 128},
     "train": {
-        "steps": 100, "batch_size": 4, "grad_accum": 1, "lr": 2e-4, "min_lr_ratio": 0.1, "warmup_steps": 10,
-        "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0, "bf16": False,
+        "steps": 100, "batch_size": 4, "grad_accum": 1, "lr": 2e-4, "min_lr_ratio": 0.1,
+        # auto: warmup_fraction of the steps (train/budget.py)
+        "warmup_steps": "auto", "warmup_fraction": 0.05,
+        # weight decay applies to matrices only (not to norms, biases or other 1-D parameters)
+        "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0,
+        "bf16": "auto",  # auto: bf16 autocast where the device computes bf16 natively (CUDA, avx512_bf16/amx CPUs)
         "grad_checkpointing": False, "eval_every": 50, "save_every": 50, "keep_checkpoints": 2,
         "log_every": 1, "tensorboard": False, "device": "cpu",
     },
@@ -30,15 +35,26 @@ DEFAULTS = {
     "method": {
         "name": "ast",
         "sparsity": "2:4",
-        "init": "magnitude",          # dense weights + magnitude mask, or a one-shot mask: wanda | sparsegpt
+        "init": "magnitude",          # the first mask: magnitude, or a one-shot method: wanda | sparsegpt
+        "init_pruned": "dense",       # what weights outside a one-shot mask start as: dense (they can come back) | zero
         "calib": None, "nsamples": 32,  # calibration for init: wanda | sparsegpt
         "include": None, "ignore": None,
         "mask_update": "adaptive",    # adaptive (AST) | fixed (naive) | gradual (GMP)
-        "mask_interval": 10,          # AST's delta-t: optimizer steps between mask refreshes
+        # AST's delta-t: optimizer steps between mask refreshes; auto: mask_interval_fraction of the run,
+        # at least mask_interval_min. No refresh in the last delta-t steps (the published mask is trained)
+        "mask_interval": "auto", "mask_interval_fraction": 0.05, "mask_interval_min": 2,
+        # refresh score: magnitude |W|, activation |W|*||x|| (input norms from the calibration data), or auto
+        # (activation after a wanda/sparsegpt init, magnitude otherwise); a pruned weight must score
+        # (1 + mask_margin) times a kept one to displace it
+        "mask_score": "auto", "mask_margin": 0.05,
         "ste": True,                  # straight-through gradient to pruned weights
         "gradual_fraction": 0.5,      # GMP: fraction of training over which sparsity ramps up (cubic)
-        "decay": {"mode": "second-moment", "lambda_max": 1e-4, "ramp_fraction": 0.25},
-        "distill": {"enabled": True, "teacher": None, "alpha": 0.67, "temperature": 2.0, "kl": "forward", "teacher_dtype": "float32"},
+        # SR-STE decay of pruned weights, ramped over ramp_fraction of the run. decoupled: W <- W - lr*lambda*(~m*W)
+        # outside Adam; second-moment (the paper's) / gradient: inside Adam. lambda_max auto (decoupled
+        # only): the lambda that shrinks a pruned weight by target_shrink by the last mask refresh
+        "decay": {"mode": "decoupled", "lambda_max": "auto", "target_shrink": 0.5, "ramp_fraction": 0.25},
+        # teacher_dtype auto: bfloat16 where training runs in bf16, else float32
+        "distill": {"enabled": True, "teacher": None, "alpha": 0.67, "temperature": 2.0, "kl": "forward", "teacher_dtype": "auto"},
         "slorb": {"enabled": False, "group_size": 16, "init": "mean", "train_x": False},
         # movement and lpaf: the fraction of target-layer parameters kept (unstructured / low-rank budget)
         "keep": 0.5,
@@ -59,9 +75,11 @@ CHOICES = {
     "method.name": ("ast", "naive", "gmp", "finetune", "movement", "lpaf"),
     "method.init": ("magnitude", "wanda", "sparsegpt"),
     "method.mask_update": ("adaptive", "fixed", "gradual"),
-    "method.decay.mode": ("second-moment", "gradient", "none"),
+    "method.init_pruned": ("dense", "zero"),
+    "method.mask_score": ("auto", "magnitude", "activation"),
+    "method.decay.mode": ("decoupled", "second-moment", "gradient", "none"),
     "method.distill.kl": ("forward", "reverse"),
-    "method.distill.teacher_dtype": ("float32", "bfloat16"),
+    "method.distill.teacher_dtype": ("auto", "float32", "bfloat16"),
     "method.slorb.init": ("mean", "random"),
     "method.lpaf.prune": ("movement", "none"),
     "method.lpaf.factorization": ("svd", "fisher", "sparsity-aware"),
@@ -95,8 +113,19 @@ def read_recipe(spec: str) -> dict:
     return recipe
 
 
+# keys that take 'auto' (derived from the run, train/budget.py) or a value of the sample's type
+AUTO = {"train.warmup_steps": 0, "train.bf16": False, "method.mask_interval": 0, "method.decay.lambda_max": 0.0}
+
+
 def _check(value, default, key: str):
     """Return value converted to the default's type, or raise naming the key."""
+    if key in AUTO:
+        if value == "auto":
+            return value
+        try:
+            return _check(value, AUTO[key], key + " ")
+        except SlimlmError:
+            raise SlimlmError(f"recipe key '{key}' must be auto or {_kind(AUTO[key])}, got {value!r}") from None
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise SlimlmError(f"recipe key '{key}' must be a section (a mapping), got {value!r}")
@@ -136,6 +165,10 @@ def _check(value, default, key: str):
     return ok
 
 
+def _kind(sample) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number"}[type(sample)]
+
+
 def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     for key, value in update.items():
         full = f"{prefix}{key}"
@@ -156,7 +189,8 @@ def _parse_override(item: str) -> dict:
             raise SlimlmError(f"unknown recipe key '{key}'")
         node = node[part]
     # text keys keep the raw string (YAML would read 2:4 as a base-60 integer)
-    value = raw if (node is None or isinstance(node, str)) and not raw.startswith("[") else yaml.safe_load(raw)
+    text = (node is None or isinstance(node, str)) and key not in AUTO
+    value = raw if text and not raw.startswith("[") else yaml.safe_load(raw)
     if raw in ("null", "~"):
         value = None
     nested = value
@@ -169,7 +203,11 @@ def _parse_override(item: str) -> dict:
 RANGES = {"method.keep": (0.0, 1.0, False), "method.lpaf.prune_fraction": (0.0, 1.0, True),
           "method.lpaf.mixed_fraction": (0.0, 1.0, True), "method.movement.start_fraction": (0.0, 1.0, True),
           "method.movement.hold_fraction": (0.0, 1.0, True), "method.movement.ema": (0.0, 1.0, True),
-          "method.lpaf.pruned_weight": (0.0, 1.0, True)}
+          "method.lpaf.pruned_weight": (0.0, 1.0, True), "method.decay.target_shrink": (0.0, 1.0, False),
+          "method.mask_interval_fraction": (0.0, 1.0, False), "train.warmup_fraction": (0.0, 1.0, True),
+          "method.mask_margin": (0.0, math.inf, True), "method.mask_interval_min": (1, math.inf, True),
+          "method.mask_interval": (1, math.inf, True), "train.warmup_steps": (0, math.inf, True),
+          "method.decay.lambda_max": (0.0, math.inf, True)}
 
 
 def resolve(spec: str, overrides: list[str] | None = None) -> dict:
@@ -179,6 +217,8 @@ def resolve(spec: str, overrides: list[str] | None = None) -> dict:
     flat = flatten(recipe)
     for key, (low, high, inclusive) in RANGES.items():
         value = flat[key]
+        if value == "auto":
+            continue
         if value > high or value < low or (value == low and not inclusive):
             raise SlimlmError(f"recipe key '{key}' must be in {'[' if inclusive else '('}{low}, {high}], got {value}")
     return recipe

@@ -61,12 +61,26 @@ def _check_groups(width: int, m: int) -> None:
         raise ValueError(f"input width {width} is not divisible by M={m}")
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the n highest-scoring entries of every group of m consecutive entries along the last dim."""
+def nm_mask(scores: torch.Tensor, n: int, m: int, incumbent: torch.Tensor | None = None,
+            margin: float = 0.0) -> torch.Tensor:
+    """Keep the n highest-scoring entries of every group of m consecutive entries along the last dim.
+
+    Ties are broken the same way every time, on every device: the lower index wins (a stable sort).
+    With `incumbent` (the current mask) and `margin` > 0, an entry outside the mask must score more
+    than (1 + margin) times an entry inside it to displace it (hysteresis): exact ties and noise-sized
+    differences keep the mask as it is."""
     out, width = scores.shape
     _check_groups(width, m)
-    groups = scores.reshape(out, width // m, m)
-    keep_idx = groups.topk(n, dim=-1).indices
+    groups = scores.reshape(out, width // m, m).float()
+    if incumbent is None:
+        keep_idx = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    else:
+        inside = incumbent.reshape(groups.shape)
+        groups = torch.where(inside, groups * (1.0 + margin), groups)
+        # ties: incumbents first, then the lower index (two stable sorts)
+        first = inside.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices
+        by_score = groups.gather(-1, first).sort(dim=-1, descending=True, stable=True).indices
+        keep_idx = first.gather(-1, by_score)[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep_idx, True)
     return mask.reshape(out, width)
 

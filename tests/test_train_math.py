@@ -57,15 +57,17 @@ def test_adamw_without_extra_term_matches_torch():
 
 
 def test_decay_variants_pull_pruned_weights_to_zero_differently():
-    """'gradient' puts the decay in both moments; 'second-moment' (the paper's) keeps it out of m."""
+    """'gradient' puts the decay in both moments; 'second-moment' (the paper's) keeps it out of m;
+    'decoupled' stays out of Adam altogether."""
     torch.manual_seed(0)
     w0 = torch.randn(4, 8)
-    pruned = ~nm_mask(w0.abs(), 2, 4)
+    kept = nm_mask(w0.abs(), 2, 4)
+    pruned = ~kept
     results = {}
-    for mode in ("gradient", "second-moment"):
+    for mode in ("gradient", "second-moment", "decoupled"):
         w = w0.clone().requires_grad_(True)
         opt = AdamW([w], lr=1e-2, weight_decay=0.0)
-        opt.set_extra_term(w, lambda w=w: 0.5 * (w * pruned), mode)
+        opt.set_decay({w: lambda: kept}, lambda: 0.5, mode)
         for _ in range(20):
             w.grad = torch.zeros_like(w)
             opt.step()
@@ -75,6 +77,53 @@ def test_decay_variants_pull_pruned_weights_to_zero_differently():
         assert torch.equal(w.detach()[~pruned], w0[~pruned])  # kept ones untouched (zero gradient)
     assert (results["gradient"][1][pruned] != 0).all()
     assert (results["second-moment"][1] == 0).all()  # the decay never entered the first moment
+    assert (results["decoupled"][1] == 0).all()
+    # decoupled: exactly w * (1 - lr * lambda)^steps
+    assert torch.allclose(results["decoupled"][0][pruned], w0[pruned] * (1 - 1e-2 * 0.5) ** 20, atol=1e-6)
+
+
+def _reference_step(p, state, lr, betas, eps, wd, kept, lam, mode):
+    """One AdamW step with the decay, one tensor at a time, as the equations read (optim.py)."""
+    beta1, beta2 = betas
+    state["t"] = state.get("t", 0) + 1
+    t = state["t"]
+    m, v = state.setdefault("m", torch.zeros_like(p)), state.setdefault("v", torch.zeros_like(p))
+    g = p.grad.clone()
+    d = lam * (p.detach() * ~kept) if kept is not None else None
+    if d is not None and mode == "gradient":
+        g = g + d
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    u, g2 = (m + d, g + d) if d is not None and mode == "second-moment" else (m, g)
+    v.mul_(beta2).addcmul_(g2, g2, value=1 - beta2)
+    with torch.no_grad():
+        p.mul_(1 - lr * wd)
+        if d is not None and mode == "decoupled":  # after the weight decay, as AdamW's order
+            p.sub_(lr * lam * (p * ~kept))
+        p.addcdiv_(u, (v / (1 - beta2**t)).sqrt() + eps, value=-lr / (1 - beta1**t))
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "gradient", "second-moment"])
+def test_fused_decay_step_equals_the_unfused_equations(mode):
+    torch.manual_seed(0)
+    shapes = [(6, 8), (8,), (4, 12)]
+    ours = [torch.randn(*s, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_(True) for p in ours]
+    kept = {0: nm_mask(ours[0].detach().abs(), 2, 4), 2: nm_mask(ours[2].detach().abs(), 2, 4)}
+    groups = [{"params": [ours[0], ours[2]], "weight_decay": 0.1}, {"params": [ours[1]], "weight_decay": 0.0}]
+    opt = AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    lam = {"value": 0.0}
+    opt.set_decay({ours[i]: (lambda k=k: k) for i, k in kept.items()}, lambda: lam["value"], mode)
+    states = [{} for _ in ref]
+    for step in range(6):
+        lam["value"] = 0.3 * step
+        grads = [torch.randn(*s) for s in shapes]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for i, q in enumerate(ref):
+            _reference_step(q, states[i], 1e-2, (0.9, 0.95), 1e-8, 0.0 if i == 1 else 0.1, kept.get(i), lam["value"], mode)
+    for p, q in zip(ours, ref):
+        assert torch.allclose(p, q, atol=1e-6)
 
 
 def test_slorb_mean_init_restores_dense_output_for_group_constant_inputs():

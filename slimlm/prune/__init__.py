@@ -17,8 +17,10 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 @torch.no_grad()
 def prune(model: nn.Module, targets: dict[str, nn.Module], method: str, sparsity: Sparsity,
-          windows: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01) -> None:
-    """Prune the target layers of `model` in place. Wanda and SparseGPT need calibration windows."""
+          windows: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01,
+          input_norms: dict | None = None) -> None:
+    """Prune the target layers of `model` in place. Wanda and SparseGPT need calibration windows.
+    `input_norms`: filled with each layer's ||x_j|| over the calibration tokens (calibrated methods)."""
     if method not in METHODS:
         raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     if method == "magnitude":
@@ -30,10 +32,12 @@ def prune(model: nn.Module, targets: dict[str, nn.Module], method: str, sparsity
         raise SlimlmError(f"--method {method} needs calibration data (--calib)")
 
     def prune_wanda(name: str, module: nn.Module, stats: InputStats) -> None:
+        _keep_norms(input_norms, name, stats)
         W = weight_matrix(module)
         W.mul_(wanda_mask(W, stats.sq_norms, sparsity))
 
     def prune_sparsegpt(name: str, module: nn.Module, stats: InputStats) -> None:
+        _keep_norms(input_norms, name, stats)
         W = weight_matrix(module)
         try:
             W.copy_(sparsegpt_prune(W, stats.hessian, sparsity, blocksize, percdamp))
@@ -45,3 +49,16 @@ def prune(model: nn.Module, targets: dict[str, nn.Module], method: str, sparsity
         prune_blockwise(model, targets, windows, prune_wanda, hessian=False)
     else:
         prune_blockwise(model, targets, windows, prune_sparsegpt, hessian=True)
+
+
+def _keep_norms(input_norms: dict | None, name: str, stats: InputStats) -> None:
+    if input_norms is not None:
+        input_norms[name] = stats.sq_norms.sqrt()
+
+
+@torch.no_grad()
+def calibration_input_norms(model: nn.Module, targets: dict[str, nn.Module], windows: torch.Tensor) -> dict:
+    """||x_j|| of every target layer's inputs over the calibration windows, the model unchanged."""
+    norms: dict = {}
+    prune_blockwise(model, targets, windows, lambda name, module, stats: _keep_norms(norms, name, stats), hessian=False)
+    return norms

@@ -27,10 +27,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
-def make_teacher(model, d: dict):
+def make_teacher(model, d: dict, bf16: bool):
     """The frozen dense teacher: a copy of the starting model (default) or another model with the same
-    outputs (vocabulary or classes). Call before the student is changed."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[d["teacher_dtype"]]
+    outputs (vocabulary or classes). Call before the student is changed. `bf16`: whether training runs
+    in bf16 autocast; the teacher's dtype 'auto' follows it (a bf16 teacher forward is about 2x faster,
+    and its logits feed a bf16-computed loss anyway)."""
+    name = d["teacher_dtype"] if d["teacher_dtype"] != "auto" else ("bfloat16" if bf16 else "float32")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
     if d["teacher"] is None:
         teacher = copy.deepcopy(model)
     else:

@@ -22,8 +22,8 @@ from .. import sharded
 from ..errors import SlimlmError
 from . import distributed
 from .datasets import as_dataset, to_device, tokens_in
-from .optim import AdamW
-from .schedules import warmup_cosine
+from . import budget
+from .optim import AdamW, parameter_groups
 
 
 class Hooks:
@@ -95,6 +95,7 @@ class Trainer:
         self.tokens_seen = 0
         self.history: list[dict] = []
         self.device = next(model.parameters()).device
+        self.bf16 = budget.use_bf16(self.cfg["bf16"], self.device)  # before setup: a teacher follows it
         torch.manual_seed(recipe["seed"])
         hooks.setup(self)  # identical on every rank: same seed, same model
         rank = distributed.world()[0]
@@ -115,8 +116,8 @@ class Trainer:
             self.forward_model = model
         else:
             self.forward_model = distributed.wrap(model)  # DDP under torchrun, the model itself otherwise
-        self.optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg["lr"],
-                               betas=self.cfg["betas"], eps=self.cfg["eps"], weight_decay=self.cfg["weight_decay"])
+        self.optimizer = AdamW(parameter_groups(model, self.cfg["weight_decay"]), lr=self.cfg["lr"],
+                               betas=self.cfg["betas"], eps=self.cfg["eps"])
         hooks.configure_optimizer(self.optimizer)
         self.writer = self._tensorboard() if self.cfg["tensorboard"] and distributed.is_main() else None
 
@@ -145,7 +146,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not distributed.is_main())
         while self.step < stop:
             start = time.perf_counter()
-            lr = cfg["lr"] * warmup_cosine(self.step, total, cfg["warmup_steps"], cfg["min_lr_ratio"])
+            lr = budget.lr_at(cfg, self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.hooks.before_forward(self.step)
@@ -154,7 +155,7 @@ class Trainer:
             for micro in range(cfg["grad_accum"]):
                 batch = self.batch(self.step * cfg["grad_accum"] + micro)
                 step_tokens += tokens_in(batch)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, parts = self.hooks.loss(self.forward_model, batch)
                 if not math.isfinite(loss.item()):
                     raise SlimlmError(f"loss diverged ({loss.item()}) at step {self.step + 1}; the last good "
@@ -171,10 +172,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens_seen += step_tokens
+            method_record = self.hooks.after_step(self.step)  # a mask refresh is part of the step's cost
             seconds = time.perf_counter() - start
             record = {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens": self.tokens_seen, "tokens_per_s": step_tokens / seconds,
-                      **self.hooks.after_step(self.step)}
+                      "step_seconds": seconds, **method_record}
             evaluating = self.valid is not None and (self.step % cfg["eval_every"] == 0 or self.step == total)
             saving = self.step % cfg["save_every"] == 0 and self.step < total
             if evaluating and (distributed.is_main() or self.fsdp):  # a sharded forward needs every rank

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import data, models, output, slorb
-from . import distributed
+from . import budget, distributed
 from ..errors import SlimlmError
 from ..inspect import layer_stats, totals
 from .distill import distill_loss, make_teacher
@@ -151,7 +151,8 @@ def _run_lpaf(loaded, recipe: dict, train, valid, run_dir: Path, resume: str | N
         raise SlimlmError("method.lpaf.factorization=sparsity-aware needs pruning scores: set method.lpaf.prune=movement "
                           "or choose svd or fisher")
     resume_stage = Path(resume).parent.name if resume else None
-    teacher = make_teacher(loaded.model, recipe["method"]["distill"]) if recipe["method"]["distill"]["enabled"] else None
+    bf16 = budget.use_bf16(recipe["train"]["bf16"], next(loaded.model.parameters()).device)
+    teacher = make_teacher(loaded.model, recipe["method"]["distill"], bf16) if recipe["method"]["distill"]["enabled"] else None
     first, loaded.model, targets = lpaf_prune_stage(loaded.model, recipe, teacher, train, valid, run_dir, resume,
                                                     finished=resume_stage == "finetune")
     second, hooks = lpaf_lowrank_stage(loaded.model, recipe, teacher, targets, train, valid, run_dir,
@@ -230,7 +231,8 @@ def lpaf_finetune(model, recipe: dict, teacher, layers: dict, train, valid, run_
 def _stage_recipe(recipe: dict, steps: int) -> dict:
     stage = copy.deepcopy(recipe)
     stage["train"]["steps"] = steps
-    stage["train"]["warmup_steps"] = min(stage["train"]["warmup_steps"], max(0, steps - 1))
+    if stage["train"]["warmup_steps"] != "auto":  # auto is already a fraction of the stage
+        stage["train"]["warmup_steps"] = min(stage["train"]["warmup_steps"], max(0, steps - 1))
     return stage
 
 
@@ -252,9 +254,13 @@ def _card(report: dict) -> str:
     r, name = report["recipe"], report["method"]
     m = r["method"]
     if name in SPARSE:
-        parts = [f"masks: {m['mask_update']}" + (f" (refreshed every {m['mask_interval']} steps)" if m["mask_update"] != "fixed" else "")]
+        parts = [f"masks: {m['mask_update']}" + (f" (first mask: {m['init']}; refreshed every {report['mask_interval']} "
+                                                 f"steps by {report['mask_score']} score, none in the last interval)"
+                                                 if m["mask_update"] != "fixed" else f" ({m['init']})")]
         if m["decay"]["mode"] != "none":
-            parts.append(f"SR-STE decay λ_max={m['decay']['lambda_max']:g} ({m['decay']['mode']})")
+            parts.append(f"SR-STE decay λ_max={report['lambda_max']:.4g} ({m['decay']['mode']}"
+                         + (f", solved for a {m['decay']['target_shrink']:.0%} shrink of pruned weights"
+                            if m["decay"]["lambda_max"] == "auto" else "") + ")")
         what = f"retrained to **{report['sparsity']}** sparsity"
     elif name == "movement":
         parts = [f"first-order scores, cubic schedule to {m['keep']:.0%} of target weights kept"]

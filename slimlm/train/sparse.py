@@ -1,9 +1,16 @@
 """N:M sparse training as engine hooks: AST and its baselines (naive fixed mask, gradual magnitude).
 
-- masks: dense master weights, masked forward (masked.py); AST refreshes the magnitude N:M mask
-  every `mask_interval` steps and logs the fraction of entries that flip.
+- masks: dense master weights, masked forward (masked.py). The first mask is the magnitude mask or a
+  one-shot method's (wanda, sparsegpt); a one-shot start leaves the dense weights in place
+  (init_pruned=dense), so that pruned weights can come back. AST refreshes the mask every Delta-t steps
+  from a score (magnitude, or Wanda's |W|*||x|| with input norms gathered once from calibration), with
+  ties and near-ties kept by the incumbent (mask_margin); no refresh in the last Delta-t steps, so the
+  published mask is the one the model was trained with. Each refresh logs the fraction of mask
+  entries that flip.
 - decay: lambda(t) * (~mask * W), ramped linearly over `ramp_fraction` of training, through the
-  optimizer (in Adam's second moment, or added to the gradient).
+  optimizer (decoupled, in Adam's second moment, or added to the gradient); lambda_max 'auto' is
+  derived from the run (train/budget.py). Refreshes log the integrated decay and the size of the
+  pruned weights relative to the start.
 - distillation from the frozen dense teacher; SLoRB side paths.
 """
 from __future__ import annotations
@@ -12,12 +19,15 @@ import torch
 
 from .. import masked, models, sharded, slorb
 from ..data import calibration_windows, load_tokens
-from ..prune import prune
+from ..prune import calibration_input_norms, prune
 from ..errors import SlimlmError
 from ..sparsity import parse_sparsity
+from . import budget
 from .distill import distill_loss, make_teacher
 from .engine import Hooks
 from .schedules import cubic, linear_ramp
+
+ONE_SHOT = ("wanda", "sparsegpt")
 
 
 class SparseTraining(Hooks):
@@ -26,12 +36,23 @@ class SparseTraining(Hooks):
         self.sparsity = parse_sparsity(self.cfg["sparsity"])
         if not self.sparsity.is_nm:
             raise SlimlmError(f"method.sparsity must be N:M for sparse training, got '{self.cfg['sparsity']}'")
+        decay = self.cfg["decay"]
+        if decay["lambda_max"] == "auto" and decay["mode"] not in ("decoupled", "none"):
+            raise SlimlmError(f"method.decay.lambda_max=auto needs method.decay.mode=decoupled (in Adam's moments the "
+                              f"decay's effect depends on the gradients' scale): set a number for mode {decay['mode']}")
+        budget.check_sparse_schedule(recipe)
         self.tokenizer = tokenizer
         self.total_steps = recipe["train"]["steps"]
+        self.lambda_max = budget.lambda_max(recipe) if decay["mode"] != "none" else 0.0
+        self.score = self.cfg["mask_score"]
+        if self.score == "auto":
+            self.score = "activation" if self.cfg["init"] in ONE_SHOT else "magnitude"
         self.lam = 0.0
         self.teacher = None
         self.targets: dict = {}
         self.slorbs: dict = {}
+        self.input_scale: dict = {}  # ||x_j|| per target layer, for the activation-aware score
+        self.pruned_rms0 = None
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, trainer) -> None:
@@ -39,22 +60,29 @@ class SparseTraining(Hooks):
         targets = models.find_targets(model, cfg["include"], cfg["ignore"])
         self.targets, _ = models.target_layers(model, targets, sp.m, skip_indivisible=False)
         if cfg["distill"]["enabled"]:
-            self.teacher = make_teacher(model, cfg["distill"])
-        # SLoRB starts from what the mask removes from the *dense* weights, so keep them before a
-        # one-shot pruner zeroes the pruned entries
-        one_shot = cfg["init"] in ("wanda", "sparsegpt")
-        dense = ({n: m.weight.detach().clone() for n, m in self.targets.items()}
-                 if cfg["slorb"]["enabled"] and one_shot else {})
-        if one_shot:  # one-shot mask (SparseGPT also updates kept weights)
+            self.teacher = make_teacher(model, cfg["distill"], trainer.bf16)
+        dense = {n: m.weight.detach().clone() for n, m in self.targets.items()} if cfg["init"] in ONE_SHOT else {}
+        if cfg["init"] in ONE_SHOT or self.score == "activation":
             calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"])
             windows = calibration_windows(calib, cfg["nsamples"], self.recipe["data"]["seqlen"], self.recipe["seed"])
-            prune(model, self.targets, cfg["init"], sp, windows)
+            if cfg["init"] in ONE_SHOT:  # the one-shot mask (SparseGPT also updates the kept weights)
+                prune(model, self.targets, cfg["init"], sp, windows, input_norms=self.input_scale)
+            else:
+                self.input_scale = calibration_input_norms(model, self.targets, windows)
+        if self.score != "activation":
+            self.input_scale = {}
         for name, module in self.targets.items():
             keep = sp.m if cfg["mask_update"] == "gradual" else sp.n
+            # after a one-shot prune the kept weights are its non-zeros (ties among exact zeros: lowest index)
             mask = masked.magnitude_nm_mask(module, sp.n, sp.m, keep_per_group=keep)
+            if name in dense and cfg["init_pruned"] == "dense":
+                # pruned weights start from their dense values (SparseGPT's kept weights keep its update):
+                # the mask is the one-shot method's, and a refresh can still bring a pruned weight back
+                module.weight.data.copy_(torch.where(mask, module.weight.detach(), dense[name]))
             if cfg["slorb"]["enabled"]:
                 self._add_slorb(name, module, mask, dense.pop(name, module.weight.detach()))
             masked.attach_mask(module, mask, ste=cfg["ste"])
+        self.pruned_rms0 = self._pruned_rms()
 
     def _add_slorb(self, name, module, mask, dense_weight) -> None:
         k = self.cfg["slorb"]["group_size"]
@@ -68,20 +96,19 @@ class SparseTraining(Hooks):
         self.slorbs[name] = path
 
     def configure_optimizer(self, optimizer) -> None:
-        mode = self.cfg["decay"]["mode"]
-        if mode == "none":
+        if self.cfg["decay"]["mode"] == "none":
             return
+        masks = {}
         for module in self.targets.values():
-            weight = masked.dense_weight(module)
-            mask = masked.get_mask(module)
+            weight, mask = masked.dense_weight(module), masked.get_mask(module)
             # a sharded weight meets the rows of the (full) mask that its rank holds
-            optimizer.set_extra_term(weight, lambda w=weight, m=mask: self.lam * (w * ~sharded.shard_like(m, w))
-                                     if self.lam else None, mode)
+            masks[weight] = lambda w=weight, m=mask: sharded.shard_like(m, w)
+        optimizer.set_decay(masks, lambda: self.lam, self.cfg["decay"]["mode"])
 
     # -- per step ----------------------------------------------------------------------------------
     def before_forward(self, step: int) -> None:
-        d = self.cfg["decay"]
-        self.lam = linear_ramp(step, int(d["ramp_fraction"] * self.total_steps), d["lambda_max"])
+        ramp = budget.ramp_steps(self.cfg["decay"], self.total_steps)
+        self.lam = linear_ramp(step, ramp, self.lambda_max)
 
     def loss(self, model, batch):
         return distill_loss(model, self.teacher, batch, self.cfg["distill"])
@@ -89,7 +116,9 @@ class SparseTraining(Hooks):
     def after_step(self, step: int) -> dict:
         cfg = self.cfg
         record = {"lambda": self.lam}
-        if cfg["mask_update"] == "fixed" or step % cfg["mask_interval"]:
+        if cfg["mask_update"] == "fixed" or not budget.refreshes_at(cfg, self.total_steps, step):
+            if step == self.total_steps:
+                record.update(self._decay_record(step))
             return record
         sp = self.sparsity
         if cfg["mask_update"] == "gradual":
@@ -98,26 +127,51 @@ class SparseTraining(Hooks):
             ramp = int(cfg["gradual_fraction"] * self.total_steps)
             pruned = round(cubic(step, self.total_steps, 0.0, sp.m - sp.n, 0, self.total_steps - ramp))
             record["pruned_per_group"] = pruned
-        if cfg["mask_update"] == "adaptive":
-            record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: masked.magnitude_nm_mask(m, sp.n, sp.m))
-        else:
             record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: _masked_magnitude_mask(m, sp.m - pruned, sp.m))
+        else:
+            record["mask_flip_rate"] = masked.refresh_masks(self.targets, self._adaptive_mask)
+        record.update(self._decay_record(step))
         return record
+
+    def _adaptive_mask(self, module):
+        name = next(n for n, m in self.targets.items() if m is module)
+        return masked.score_nm_mask(module, self.sparsity.n, self.sparsity.m, input_scale=self.input_scale.get(name),
+                                    margin=self.cfg["mask_margin"])
+
+    def _pruned_rms(self) -> float:
+        """Root mean square of the weights outside the masks, over every target layer."""
+        total = count = 0.0
+        for module in self.targets.values():
+            weight, mask = masked.dense_weight(module).detach(), masked.get_mask(module)
+            total += float(sharded.full((weight * ~sharded.shard_like(mask, weight)).float().square().sum()))
+            count += float((~mask).sum())
+        return (total / count) ** 0.5 if count else 0.0
+
+    def _decay_record(self, step: int) -> dict:
+        """The decay integrated so far (sum of lr_t * lambda_t: the log-shrink of a pruned weight without
+        gradient) and the pruned weights' size relative to the start."""
+        if self.cfg["decay"]["mode"] == "none":
+            return {}
+        integral = budget.decay_integral(self.recipe["train"], self.cfg["decay"], self.lambda_max, step)
+        rms = self._pruned_rms()
+        return {"decay_integral": integral, "pruned_rms": rms,
+                "pruned_rms_ratio": rms / self.pruned_rms0 if self.pruned_rms0 else None}
 
     # -- export ------------------------------------------------------------------------------------
     def export(self, model) -> dict:
-        """Final mask = magnitude N:M mask of the final weights (adaptive), weights m * W with exact zeros."""
+        """The mask the model was trained with (no refresh after the last Delta-t steps; gradual: its last
+        N:M mask), weights m * W with exact zeros."""
         sp = self.sparsity
         self.targets = {name: model.get_submodule(name) for name in self.targets}  # FSDP: a gathered copy
         self.slorbs = {name: self.targets[name].slorb for name in self.slorbs}
         for module in self.targets.values():
-            if self.cfg["mask_update"] == "adaptive":
-                masked.set_mask(module, masked.magnitude_nm_mask(module, sp.n, sp.m))
-            elif self.cfg["mask_update"] == "gradual":
+            if self.cfg["mask_update"] == "gradual":
                 masked.set_mask(module, _masked_magnitude_mask(module, sp.n, sp.m))
             masked.bake_mask(module)
         return {"slorb_layers": len(self.slorbs),
-                "slorb_parameters": sum(p.numel() for s in self.slorbs.values() for p in s.parameters())}
+                "slorb_parameters": sum(p.numel() for s in self.slorbs.values() for p in s.parameters()),
+                "lambda_max": self.lambda_max, "mask_interval": budget.mask_interval(self.cfg, self.total_steps),
+                "mask_score": self.score}
 
 
 def _masked_magnitude_mask(module, keep: int, m: int):
