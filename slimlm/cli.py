@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .errors import SlimlmError
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # warnings as one line each, like errors (no source line, no file path)
+    warnings.formatwarning = lambda message, category, *_, **__: f"slimlm {args.command}: warning: {message}\n"
     try:
         quiet_libraries()
         args.run(args)

@@ -118,20 +118,24 @@ def cpu_has_bf16() -> bool:
     bf16 autocast is emulated and slower than fp32, so 'auto' leaves it off."""
     if sys.platform.startswith("linux"):
         try:
-            text = Path("/proc/cpuinfo").read_text()
+            return cpuinfo_has_bf16(Path("/proc/cpuinfo").read_text())
         except OSError:
             return False
-        flags = set()
-        for line in text.splitlines():
-            if line.startswith(("flags", "Features")):
-                flags.update(line.split(":", 1)[1].split())
-        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     if sys.platform == "darwin":
         import subprocess
 
         out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
         return out.stdout.strip() == "1"
     return False
+
+
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """Whether Linux /proc/cpuinfo text lists a bf16 instruction set (x86 'flags', Arm 'Features')."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def device_supports_bf16(device: torch.device | str) -> bool:

@@ -129,14 +129,17 @@ class SparseTraining(Hooks):
             record["pruned_per_group"] = pruned
             record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: _masked_magnitude_mask(m, sp.m - pruned, sp.m))
         else:
-            record["mask_flip_rate"] = masked.refresh_masks(self.targets, self._adaptive_mask)
+            record["mask_flip_rate"] = self.refresh()
         record.update(self._decay_record(step))
         return record
 
-    def _adaptive_mask(self, module):
-        name = next(n for n, m in self.targets.items() if m is module)
-        return masked.score_nm_mask(module, self.sparsity.n, self.sparsity.m, input_scale=self.input_scale.get(name),
-                                    margin=self.cfg["mask_margin"])
+    def refresh(self) -> float:
+        """AST's refresh: every mask recomputed from the training score (with hysteresis against the current
+        mask). Returns the fraction of mask entries that flipped."""
+        scale = {module: self.input_scale.get(name) for name, module in self.targets.items()}
+        n, m, margin = self.sparsity.n, self.sparsity.m, self.cfg["mask_margin"]
+        return masked.refresh_masks(self.targets, lambda module: masked.score_nm_mask(
+            module, n, m, input_scale=scale[module], margin=margin))
 
     def _pruned_rms(self) -> float:
         """Root mean square of the weights outside the masks, over every target layer."""
