@@ -39,7 +39,7 @@ def test_auto_lambda_gives_the_asked_shrink_without_gradient(steps, target):
     assert torch.allclose(ratio, torch.full_like(ratio, 1 - target), rtol=1e-4)
     assert torch.equal(w.detach()[kept], w0[kept])
     # the logged integral is the log-shrink, to first order
-    assert budget.decay_integral(rec["train"], rec["method"]["decay"], lam_max, until) == pytest.approx(
+    assert budget.decay_integral(budget.decay_rates(rec["train"], rec["method"]["decay"]), lam_max, until) == pytest.approx(
         -torch.log(torch.tensor(1 - target)).item(), rel=0.2)
 
 

@@ -60,11 +60,17 @@ def ramp_steps(decay: dict, steps: int) -> int:
     return int(decay["ramp_fraction"] * steps)
 
 
-def decay_integral(train: dict, decay: dict, lambda_max: float, until: int) -> float:
-    """sum over steps t < until of lr_t * lambda_t: the log-shrink that decoupled decay applies to a
-    pruned weight with no gradient (w_T = w_0 * prod(1 - lr_t lambda_t) ~ w_0 exp(-integral))."""
-    ramp = ramp_steps(decay, train["steps"])
-    return sum(lr_at(train, t) * linear_ramp(t, ramp, lambda_max) for t in range(until))
+def decay_rates(train: dict, decay: dict) -> torch.Tensor:
+    """lr_t * ramp_t for every step t of the run (float64): lambda_max times this is the per-step rate at
+    which decoupled decay shrinks a pruned weight."""
+    steps, ramp = train["steps"], ramp_steps(decay, train["steps"])
+    return torch.tensor([lr_at(train, t) * linear_ramp(t, ramp, 1.0) for t in range(steps)], dtype=torch.float64)
+
+
+def decay_integral(rates: torch.Tensor, lambda_max: float, until: int) -> float:
+    """sum over steps t < until of lr_t * lambda_t (`rates` from decay_rates): the log-shrink that decoupled
+    decay applies to a pruned weight with no gradient (w_T = w_0 * prod(1 - lr_t lambda_t) ~ w_0 exp(-integral))."""
+    return lambda_max * float(rates[:until].sum())
 
 
 def lambda_max(recipe: dict) -> float:
@@ -76,15 +82,13 @@ def lambda_max(recipe: dict) -> float:
         return float(decay["lambda_max"])
     until = last_refresh(recipe["method"], train["steps"]) or train["steps"]
     target = math.log(1.0 - decay["target_shrink"])
-    ramp = ramp_steps(decay, train["steps"])
-    lrs = [lr_at(train, t) for t in range(until)]
-    ramps = [linear_ramp(t, ramp, 1.0) for t in range(until)]
+    rates = decay_rates(train, decay)[:until]
+    # 1 - rate * lambda must stay > 0: the largest lambda allowed makes the biggest step shrink to nothing
+    high = 1.0 / float(rates.max()) if until and float(rates.max()) > 0 else 0.0
 
     def log_kept(lam: float) -> float:
-        return sum(math.log(max(1e-300, 1.0 - lr * r * lam)) for lr, r in zip(lrs, ramps))
+        return float(torch.log1p(-(rates * lam).clamp(max=1 - 1e-16)).sum())
 
-    # 1 - lr*lambda must stay > 0: the largest lambda allowed makes the biggest step shrink to nothing
-    high = 1.0 / max(lr * r for lr, r in zip(lrs, ramps)) if any(ramps) else 0.0
     if high == 0.0 or log_kept(high * (1 - 1e-9)) > target:
         raise SlimlmError(f"method.decay.target_shrink={decay['target_shrink']} cannot be reached in {until} steps "
                           "(the decay ramp has no steps before the last mask refresh): lower "

@@ -44,6 +44,7 @@ class SparseTraining(Hooks):
         self.tokenizer = tokenizer
         self.total_steps = recipe["train"]["steps"]
         self.lambda_max = budget.lambda_max(recipe) if decay["mode"] != "none" else 0.0
+        self.decay_rates = budget.decay_rates(recipe["train"], decay)  # lr_t * ramp_t, for the logged integral
         self.score = self.cfg["mask_score"]
         if self.score == "auto":
             self.score = "activation" if self.cfg["init"] in ONE_SHOT else "magnitude"
@@ -155,7 +156,7 @@ class SparseTraining(Hooks):
         gradient) and the pruned weights' size relative to the start."""
         if self.cfg["decay"]["mode"] == "none":
             return {}
-        integral = budget.decay_integral(self.recipe["train"], self.cfg["decay"], self.lambda_max, step)
+        integral = budget.decay_integral(self.decay_rates, self.lambda_max, step)
         rms = self._pruned_rms()
         return {"decay_integral": integral, "pruned_rms": rms,
                 "pruned_rms_ratio": rms / self.pruned_rms0 if self.pruned_rms0 else None}
