@@ -152,14 +152,14 @@ class SparseTraining(Hooks):
         return (total / count) ** 0.5 if count else 0.0
 
     def _decay_record(self, step: int) -> dict:
-        """The decay integrated so far (sum of lr_t * lambda_t: the log-shrink of a pruned weight without
-        gradient) and the pruned weights' size relative to the start."""
-        if self.cfg["decay"]["mode"] == "none":
-            return {}
-        integral = budget.decay_integral(self.decay_rates, self.lambda_max, step)
+        """The pruned weights' size relative to the start (what the decay and the gradients achieved) and,
+        with a decay, the decay integrated so far (sum of lr_t * lambda_t: the log-shrink of a pruned
+        weight without gradient)."""
         rms = self._pruned_rms()
-        return {"decay_integral": integral, "pruned_rms": rms,
-                "pruned_rms_ratio": rms / self.pruned_rms0 if self.pruned_rms0 else None}
+        record = {"pruned_rms": rms, "pruned_rms_ratio": rms / self.pruned_rms0 if self.pruned_rms0 else None}
+        if self.cfg["decay"]["mode"] != "none":
+            record["decay_integral"] = budget.decay_integral(self.decay_rates, self.lambda_max, step)
+        return record
 
     # -- export ------------------------------------------------------------------------------------
     def export(self, model) -> dict:
