@@ -11,8 +11,9 @@ sotu/train.txt in the same order, and changes one thing from the row before it:
 
 plus the one-shot rows of benchmarks/results/oneshot.json (same model and test protocol). Reported:
 perplexity on sotu/test.txt in 1024-token windows, the flip rate of every refresh, the decay achieved
-(integrated lr*lambda and the pruned weights' RMS relative to the start), wall time, and the mean
-step time of each row against a dense step with the same distillation, measured in the same run.
+(integrated lr*lambda and the pruned weights' RMS relative to the start), wall time and the median step
+time of each row. The AST step against a dense step with the same distillation, measured in one run, is
+benchmarks/ast_step_time.py's.
 
 Resumable: a row already in the results file is skipped, an interrupted row resumes from its last
 checkpoint. Results: OUT.json (a list of rows), OUT.md (the table), OUT_curves.png.
@@ -20,13 +21,11 @@ checkpoint. Results: OUT.json (a list of rows), OUT.md (the table), OUT_curves.p
     nohup python benchmarks/ast_training.py --data ../shared/data/sotu --steps 250 > ast_budget.log 2>&1 &
 """
 import argparse
-import copy
 import datetime
 import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,14 +33,12 @@ import torch
 import transformers
 
 import slimlm
-from slimlm import data, models, recipe
+from slimlm import data, recipe
 from slimlm.evaluate import perplexity
 from slimlm.train import budget
-from slimlm.train.engine import Trainer
 from slimlm.train.job import checkpoint_dir
 from slimlm.train.job import run as train_run
 
-from ast_step_time import DenseKD  # benchmarks/ is the script's folder
 
 # name -> (recipe, overrides): each row changes one thing from the one before it
 ROWS = {
@@ -51,16 +48,6 @@ ROWS = {
     "ast": ("ast", []),
     "ast-slorb": ("ast-slorb", []),
 }
-
-
-def dense_kd_step_seconds(rec: dict, steps: int = 4) -> float:
-    """Mean seconds of a dense step with distillation (after one warm-up step)."""
-    loaded = models.load(rec["model"], device=rec["train"]["device"])
-    stream = data.load_tokens(loaded.tokenizer, rec["data"]["valid"])
-    r = copy.deepcopy(rec)
-    r["train"]["steps"] = steps + 1
-    trainer = Trainer(loaded.model, DenseKD(r), r, stream, None, Path(tempfile.mkdtemp()))
-    return statistics.mean(h["step_seconds"] for h in trainer.train()[1:])
 
 
 def main():
@@ -91,15 +78,8 @@ def main():
     rows = [r for r in json.loads(results.read_text()) if r.get("steps") == args.steps] if results.exists() else []
     done = {r["method"] for r in rows}
 
-    if "dense+kd step" not in done:
-        rows.append({"method": "dense+kd step", "tokens": 0, "test_ppl": None, "seconds": None, **meta,
-                     "step_seconds": dense_kd_step_seconds(base)})
-        _write(args, rows, base, tokens)
-    dense_step = next(r["step_seconds"] for r in rows if r["method"] == "dense+kd step")
-    for r in rows:  # the dense step may have been measured again (delete its row to re-measure on a quiet machine)
-        if r["test_ppl"] is not None:
-            r["step_to_dense_kd"] = r["step_seconds"] / dense_step
-    print(f"dense step with KD: {dense_step:.2f}s; {args.steps} steps = {tokens:,} tokens per row", flush=True)
+    rows = [r for r in rows if r["test_ppl"] is not None]  # (older files held a dense step-time row)
+    print(f"{args.steps} steps = {tokens:,} tokens per row", flush=True)
 
     test = None
     for name in args.rows.split(","):
@@ -128,13 +108,14 @@ def main():
             "method": name, "recipe": name_recipe, "overrides": extra, "tokens": report["tokens_seen"],
             "test_ppl": ppl, "final_val_ppl": next((h["val_ppl"] for h in reversed(history) if "val_ppl" in h), None),
             "seconds": seconds if not resume else None, "train_seconds": report["seconds"],
-            "step_seconds": step_s, "step_to_dense_kd": step_s / dense_step,
+            "step_seconds": step_s,
             "flip_rates": [[h["step"], h["mask_flip_rate"]] for h in history if "mask_flip_rate" in h],
             "mask_interval": report.get("mask_interval"), "lambda_max": report.get("lambda_max"),
             "decay_integral": final.get("decay_integral"), "pruned_rms_ratio": final.get("pruned_rms_ratio"),
             "slorb_parameters": report.get("slorb_parameters", 0), **meta})
         print({k: rows[-1][k] for k in ("method", "tokens", "test_ppl", "step_seconds", "decay_integral")}, flush=True)
         _write(args, rows, base, tokens)
+    _write(args, rows, base, tokens)
 
 
 def machine(device: str) -> str:
@@ -148,7 +129,7 @@ def machine(device: str) -> str:
 def _write(args, rows, base, tokens):
     Path(args.out + ".json").write_text(json.dumps(rows, indent=2))
     lines = ["| method | training tokens | test perplexity (1024) | final valid perplexity | flips at first / last refresh "
-             "| decay ∫lr·λ | pruned RMS vs start | step time vs dense KD | wall time |",
+             "| decay ∫lr·λ | pruned RMS vs start | median step | wall time |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     if os.path.exists(args.oneshot):
         for r in json.load(open(args.oneshot))["rows"]:
@@ -163,10 +144,10 @@ def _write(args, rows, base, tokens):
         if r["test_ppl"] is None:
             continue
         flips = r["flip_rates"]
-        flip = f"{flips[0][1]:.3%} / {flips[-1][1]:.3%}" if flips else "-"
+        flip = f"{100 * flips[0][1]:.2g}% / {100 * flips[-1][1]:.2g}%" if flips else "-"
         lines.append(f"| {r['method']} | {r['tokens']:,} | {r['test_ppl']:.2f} | {fmt(r['final_val_ppl'], '.2f')} | {flip} "
                      f"| {fmt(r['decay_integral'], '.3g')} | {fmt(r['pruned_rms_ratio'], '.2f')} "
-                     f"| {r['step_to_dense_kd']:.2f}× | {fmt(r['train_seconds'] and r['train_seconds'] / 60, '.0f')} min |")
+                     f"| {r['step_seconds']:.2f} s | {fmt(r['train_seconds'] and r['train_seconds'] / 60, '.0f')} min |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     _plot(args, rows, base, tokens)
 
