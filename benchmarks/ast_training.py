@@ -18,7 +18,7 @@ benchmarks/ast_step_time.py's.
 Resumable: a row already in the results file is skipped, an interrupted row resumes from its last
 checkpoint. Results: OUT.json (a list of rows), OUT.md (the table), OUT_curves.png.
 
-    nohup python benchmarks/ast_training.py --data ../shared/data/sotu --steps 250 > ast_budget.log 2>&1 &
+    nohup python benchmarks/ast_training.py --data ../shared/data/sotu --steps 245 > ast_budget.log 2>&1 &
 """
 import argparse
 import datetime
@@ -78,7 +78,6 @@ def main():
     rows = [r for r in json.loads(results.read_text()) if r.get("steps") == args.steps] if results.exists() else []
     done = {r["method"] for r in rows}
 
-    rows = [r for r in rows if r["test_ppl"] is not None]  # (older files held a dense step-time row)
     print(f"{args.steps} steps = {tokens:,} tokens per row", flush=True)
 
     test = None
@@ -141,8 +140,6 @@ def _write(args, rows, base, tokens):
         return format(value, spec) if value is not None else "-"
 
     for r in rows:
-        if r["test_ppl"] is None:
-            continue
         flips = r["flip_rates"]
         flip = f"{100 * flips[0][1]:.2g}% / {100 * flips[-1][1]:.2g}%" if flips else "-"
         lines.append(f"| {r['method']} | {r['tokens']:,} | {r['test_ppl']:.2f} | {fmt(r['final_val_ppl'], '.2f')} | {flip} "
@@ -161,7 +158,7 @@ def _plot(args, rows, base, tokens):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for r in rows:
         metrics = Path(args.runs) / r["method"] / "metrics.jsonl"
-        if r["test_ppl"] is None or not metrics.exists():
+        if not metrics.exists():
             continue
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         steps = [h["step"] for h in recs]

@@ -62,7 +62,9 @@ class SparseTraining(Hooks):
         self.targets, _ = models.target_layers(model, targets, sp.m, skip_indivisible=False)
         if cfg["distill"]["enabled"]:
             self.teacher = make_teacher(model, cfg["distill"], trainer.bf16)
-        dense = {n: m.weight.detach().clone() for n, m in self.targets.items()} if cfg["init"] in ONE_SHOT else {}
+        # a one-shot prune zeroes the pruned weights: keep them if they are restored or feed SLoRB's init
+        keep_dense = cfg["init"] in ONE_SHOT and (cfg["init_pruned"] == "dense" or cfg["slorb"]["enabled"])
+        dense = {n: m.weight.detach().clone() for n, m in self.targets.items()} if keep_dense else {}
         if cfg["init"] in ONE_SHOT or self.score == "activation":
             calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"])
             windows = calibration_windows(calib, cfg["nsamples"], self.recipe["data"]["seqlen"], self.recipe["seed"])
