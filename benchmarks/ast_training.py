@@ -156,7 +156,8 @@ def _plot(args, rows, base, tokens):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for r in rows:
+    for i, r in enumerate(rows):
+        color = f"C{i}"  # one colour per row in every panel (the flip panel has no fixed-mask rows)
         metrics = Path(args.runs) / r["method"] / "metrics.jsonl"
         if not metrics.exists():
             continue
@@ -164,12 +165,12 @@ def _plot(args, rows, base, tokens):
         steps = [h["step"] for h in recs]
         ce = [h["ce"] for h in recs]
         smooth = [sum(ce[max(0, i - 9): i + 1]) / len(ce[max(0, i - 9): i + 1]) for i in range(len(ce))]
-        axes[0].plot(steps, smooth, label=r["method"])
+        axes[0].plot(steps, smooth, color=color, label=r["method"])
         pts = [(h["step"], h["val_ppl"]) for h in recs if "val_ppl" in h]
         if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=r["method"])
+            axes[1].plot(*zip(*pts), marker="o", color=color, label=r["method"])
         if r["flip_rates"]:
-            axes[2].plot([s for s, _ in r["flip_rates"]], [100 * f for _, f in r["flip_rates"]], marker=".", label=r["method"])
+            axes[2].plot([s for s, _ in r["flip_rates"]], [100 * f for _, f in r["flip_rates"]], marker=".", color=color, label=r["method"])
     axes[0].set(title="training cross-entropy (10-step mean)", xlabel="step")
     axes[1].set(title="validation perplexity (256-token windows)", xlabel="step", yscale="log")
     axes[2].set(title="mask entries flipped per refresh (%)", xlabel="step", yscale="log")
