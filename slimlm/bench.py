@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import kernels, models, oneshot, output, quantize
+from . import devices, kernels, models, oneshot, output, quantize
 from .errors import SlimlmError
 from .factorized import replace_module
 
 DEFAULTS = {
-    "model": None, "dense": None, "device": "cpu", "dtype": None, "batch_sizes": [1, 4], "seqlens": [128],
+    "model": None, "dense": None, "device": "auto", "dtype": None, "batch_sizes": [1, 4], "seqlens": [128],
     "layer_batches": [1, 16, 128, 1024], "decode_tokens": 8, "repeats": 5, "seed": 0, "sparse_kernel": "auto",
     "include": None, "ignore": None, "layers": True, "whole_model": True, "min_layer_seconds": 0.02,
 }
@@ -51,6 +51,7 @@ def resolve_settings(**given) -> dict:
     if settings["sparse_kernel"] not in kernels.SPARSE_KERNELS:
         raise SlimlmError(f"unknown --sparse-kernel '{settings['sparse_kernel']}': choose one of "
                           f"{', '.join(kernels.SPARSE_KERNELS)}")
+    settings["device"] = devices.resolve(settings["device"], announce=True)
     if settings["dtype"] is None:  # the semi-structured kernels take half precision only
         settings["dtype"] = "float16" if settings["device"].startswith("cuda") else "float32"
     return settings
@@ -263,9 +264,7 @@ def _tokens_row(phase: str, batch: int, seqlen: int, tokens: int, result: dict, 
 
 def run(settings: dict) -> dict:
     """Load both models, build the compressed one's runnable form, measure. Returns the result dict."""
-    device = torch.device(settings["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SlimlmError(f"--device {settings['device']}: no CUDA GPU is visible to PyTorch")
+    device = torch.device(devices.resolve(settings["device"]))
     if settings["sparse_kernel"] == "semi-structured" and device.type != "cuda":
         raise SlimlmError("--sparse-kernel semi-structured needs a CUDA GPU (cuSPARSELt/CUTLASS): PyTorch has no "
                           "2:4 kernel for CPUs; use --sparse-kernel auto or dense to time 2:4 layers as dense matmuls")

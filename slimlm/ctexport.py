@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import quantize
+from . import models, quantize
 from .errors import SlimlmError
-from .output import move_into_place
+from .output import move_into_place, open_up, staging_dir
 
 FORMAT = "pack-quantized"
 
@@ -67,6 +66,8 @@ def convert(source: Path, destination: Path) -> dict:
     spec = config.pop("slimlm_quant", None)
     if spec is None:
         raise SlimlmError(f"{source} is not a `slimlm quantize` output (no slimlm_quant in config.json)")
+    # compressed-tensors is a format transformers loads: give the folder its real model type back
+    config["model_type"] = config.pop(models.SLIMLM_MODEL_TYPE, config["model_type"])
     state = {}
     for path in sorted(source.glob("*.safetensors")):
         if path.name not in (quantize.FILENAME, "slorb.safetensors"):
@@ -90,11 +91,12 @@ def convert(source: Path, destination: Path) -> dict:
 
 def export(source: Path, output: Path, overwrite: bool = False) -> dict:
     """convert() into a temporary folder next to `output`, then rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = staging_dir(output)
     try:
         if output.exists() and not overwrite:
             raise SlimlmError(f"output folder {output} already exists: pass --overwrite")
         written = convert(source, tmp)
+        open_up(tmp)
         move_into_place(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

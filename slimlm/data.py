@@ -24,9 +24,13 @@ def python_docs(split: str) -> str:
     return "\n\n".join(topics[n] for n in chosen)
 
 
-def read_text(spec: str) -> str:
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".md")
+
+
+def read_text(spec: str, split: str = "test") -> str:
     """Read a whole corpus as one string. Documents are joined with a blank line (the WikiText
-    protocol of the SparseGPT/Wanda evaluations joins its lines with "\\n\\n")."""
+    protocol of the SparseGPT/Wanda evaluations joins its lines with "\\n\\n"). `split`: the split of a
+    dataset spec that names none (train for training and calibration, test for evaluation)."""
     path = Path(spec).expanduser()
     if spec in BUILTIN_TEXTS:
         return python_docs(spec.split(":")[1])
@@ -46,8 +50,8 @@ def read_text(spec: str) -> str:
             text = path.read_text(encoding="utf-8", errors="replace")
     elif path.exists():
         raise SlimlmError(f"{spec} is not a file: give a .txt or .jsonl file, or a dataset name")
-    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count(":") <= 2:
-        text = _read_hf_dataset(spec)
+    elif looks_like_dataset(spec):
+        text = _read_hf_dataset(spec, split)
     else:
         raise SlimlmError(f"data not found: {spec} (give a .txt or .jsonl file, or a dataset name like "
                           "wikitext:wikitext-2-raw-v1:test)")
@@ -56,17 +60,32 @@ def read_text(spec: str) -> str:
     return text
 
 
-def _read_hf_dataset(spec: str) -> str:
-    """'name[:config[:split]]', e.g. 'Salesforce/wikitext:wikitext-2-raw-v1:test'."""
+def looks_like_dataset(spec: str) -> bool:
+    """A spec that is not a path (no ./ / ~ prefix, no file suffix) is a dataset `name[:config[:split]]`
+    ('wikitext:wikitext-2-raw-v1:test', 'Salesforce/wikitext:wikitext-2-raw-v1')."""
+    name = spec.split(":")[0]
+    return (bool(name) and spec.count(":") <= 2 and not spec.startswith((".", "/", "~"))
+            and not name.lower().endswith(FILE_SUFFIXES) and name.count("/") <= 1)
+
+
+def parse_dataset_spec(spec: str, split: str) -> tuple[str, str | None, str]:
+    """(name, config or None, split) of 'name[:config[:split]]'; empty parts take the defaults."""
+    name, config, given = (spec.split(":") + [None, None])[:3]
+    return name, config or None, given or split
+
+
+def _read_hf_dataset(spec: str, split: str) -> str:
     try:
         import datasets
     except ImportError:
         raise SlimlmError(f"'{spec}' is not a local file; loading hub datasets needs `pip install datasets`") from None
-    name, config, split = (spec.split(":") + [None, None])[:3]
+    name, config, split = parse_dataset_spec(spec, split)
     try:
-        ds = datasets.load_dataset(name, config, split=split or "test")
+        ds = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # the hub raises many types; report one line
-        raise SlimlmError(f"could not load dataset '{spec}': {str(err).splitlines()[0]}") from None
+        raise SlimlmError(f"could not load dataset '{spec}' (split {split}): {str(err).splitlines()[0]}") from None
+    if "text" not in ds.column_names:
+        raise SlimlmError(f"dataset '{spec}' has no 'text' column (it has {', '.join(ds.column_names)})")
     return "\n\n".join(ds["text"])
 
 
@@ -84,8 +103,9 @@ def tokenize(tokenizer, text: str, source: str) -> TokenStream:
     return TokenStream(ids=ids, source=source, bos_added=bos is not None and len(ids) > 0 and int(ids[0]) == bos)
 
 
-def load_tokens(tokenizer, spec: str) -> TokenStream:
-    return tokenize(tokenizer, read_text(spec), spec)
+def load_tokens(tokenizer, spec: str, split: str = "test") -> TokenStream:
+    """Tokenized text of `spec`; `split` as in read_text (pass 'train' for training and calibration)."""
+    return tokenize(tokenizer, read_text(spec, split), spec)
 
 
 def eval_windows(stream: TokenStream, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -92,13 +92,36 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return plain.eval()
 
 
+# config.json `model_type` of the folders that plain transformers would load as a broken model (quantized
+# codes, factorized layers, SLoRB side paths it does not know): from_pretrained then fails, and its error
+# ("model type `...` not recognized") carries this text. The real type is kept under SLIMLM_MODEL_TYPE.
+SLIMLM_ONLY = "slimlm-only (load this folder with slimlm.load(path), not transformers)"
+SLIMLM_MODEL_TYPE = "slimlm_model_type"
+
+
+def _slimlm_only_config(folder: Path):
+    """The real config of a folder marked SLIMLM_ONLY, or None for any other folder."""
+    import json
+
+    import transformers
+
+    data = json.loads((folder / "config.json").read_text())
+    if SLIMLM_MODEL_TYPE not in data:
+        return None
+    data["model_type"] = data.pop(SLIMLM_MODEL_TYPE)
+    config_class = transformers.CONFIG_MAPPING[data["model_type"]]
+    return config_class.from_dict(data)
+
+
 def inspect_config(spec: str):
     """(config, kind) of a model without loading its weights."""
     import transformers
 
     location, gguf_file = resolve(spec)
     try:
-        config = transformers.AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+        config = (_slimlm_only_config(Path(location)) if Path(location, "config.json").is_file() and not gguf_file
+                  else None) or \
+            transformers.AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
@@ -112,6 +135,9 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
 
     if dtype not in DTYPES:
         raise SlimlmError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    from .devices import resolve as resolve_device
+
+    device = resolve_device(device)
     location, gguf_file = resolve(spec)
     config, kind = inspect_config(spec)
     cls = _model_class(config)[0]
@@ -121,8 +147,8 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
             raise SlimlmError(f"model '{spec}' is a {kind} model: a new classification head goes on a plain "
                               "encoder (BERT-like)")
         cls, kind = transformers.AutoModelForSequenceClassification, "sequence-classification"
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={n: i for i, n in enumerate(labels)})
+        config.num_labels = len(labels)
+        config.id2label, config.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
     # slimlm rebuilds quantized and factorized layers itself (below): transformers would report their
     # weights as missing from the checkpoint and "newly initialized", which is true only for a moment
     rebuilt_later = getattr(config, "slimlm_quant", None) or getattr(config, "slimlm_lowrank", None)
@@ -130,8 +156,9 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
     if rebuilt_later:
         transformers.logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(location, dtype=DTYPES[dtype], **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = cls.from_pretrained(location, config=config, dtype=DTYPES[dtype], **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, config=config,
+                                                               **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
@@ -181,6 +208,39 @@ def _rebuild_lowrank(model: nn.Module, folder: Path, ranks: dict) -> nn.Module:
             raise SlimlmError(f"{folder}: config lists low-rank layer {name} but the checkpoint lacks {err}") from None
         replace_module(model, name, layer)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Window lengths
+
+DEFAULT_SEQLEN = 2048  # the SparseGPT/Wanda protocol's window
+
+
+def max_positions(config) -> int | None:
+    """The length of the model's position table (learned or the RoPE context it was trained on)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_seqlen(config, asked: int | None, option: str) -> int:
+    """The window length to use: `asked`, or by default DEFAULT_SEQLEN clamped to the position table (and
+    said). Asking for more than the table holds is an error: learned tables (GPT-2, OPT, BERT)
+    end in an IndexError, RoPE models silently extrapolate past what they were trained on."""
+    limit = max_positions(config)
+    if asked is None:
+        if limit is not None and limit < DEFAULT_SEQLEN:
+            print(f"{option}: {limit} (the model's position table; the default is {DEFAULT_SEQLEN})")
+            return limit
+        return DEFAULT_SEQLEN
+    if asked < 1:
+        raise SlimlmError(f"{option} {asked}: a window needs at least 1 token")
+    if limit is not None and asked > limit:
+        raise SlimlmError(f"{option} {asked} is longer than the model's position table ({limit} positions): "
+                          f"use {option} {limit} or less")
+    return asked
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from . import data, models, output
+from . import data, devices, models, output
 from .errors import SlimlmError
 from .evaluate import perplexity
 from .inspect import layer_stats, totals
@@ -17,9 +17,9 @@ from .prune import METHODS, prune
 from .sparsity import parse_sparsity
 
 DEFAULTS = {
-    "model": None, "method": "wanda", "sparsity": "2:4", "calib": None, "nsamples": 128, "seqlen": 2048,
+    "model": None, "method": "wanda", "sparsity": "2:4", "calib": None, "nsamples": 128, "seqlen": None,
     "seed": 0, "include": None, "ignore": None, "skip_indivisible": False, "dtype": "float32",
-    "device": "cpu", "blocksize": 128, "percdamp": 0.01, "eval": None, "eval_dense": False,
+    "device": "auto", "blocksize": 128, "percdamp": 0.01, "eval": None, "eval_dense": False,
     "eval_seqlen": None, "eval_windows": None,
 }
 
@@ -30,6 +30,13 @@ def resolve_settings(defaults: dict = DEFAULTS, **given) -> dict:
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}")
     return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+
+
+def fit_windows(loaded, settings: dict) -> None:
+    """Calibration and evaluation windows that the model's position table holds (also used by quantize.py)."""
+    settings["seqlen"] = models.fit_seqlen(loaded.model.config, settings["seqlen"], "--seqlen")
+    if settings["eval_seqlen"] is not None:
+        settings["eval_seqlen"] = models.fit_seqlen(loaded.model.config, settings["eval_seqlen"], "--eval-seqlen")
 
 
 def evaluate(loaded, stream, settings) -> dict:
@@ -47,8 +54,10 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
         raise SlimlmError(f"unknown method '{settings['method']}': choose one of {', '.join(METHODS)}")
     out_path = output.check_output_dir(output_dir, overwrite) if output_dir else None
     torch.manual_seed(settings["seed"])
-
+    settings["device"] = devices.resolve(settings["device"], announce=True)
     loaded = models.load(settings["model"], settings["dtype"], settings["device"])
+    if settings["calib"] or settings["eval"]:
+        fit_windows(loaded, settings)
     targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
     targets, skipped = models.target_layers(loaded.model, targets, sparsity.m, settings["skip_indivisible"])
 
@@ -56,7 +65,7 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     if settings["method"] != "magnitude":
         if not settings["calib"]:
             raise SlimlmError(f"--method {settings['method']} needs calibration data: pass --calib")
-        calib = data.load_tokens(loaded.tokenizer, settings["calib"])
+        calib = data.load_tokens(loaded.tokenizer, settings["calib"], split="train")
         windows = data.calibration_windows(calib, settings["nsamples"], settings["seqlen"], settings["seed"])
 
     evaluation = {}

@@ -8,6 +8,7 @@ place: a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import slorb
 from .errors import SlimlmError
-from .models import LoadedModel, load, weight_matrix
+from .models import SLIMLM_MODEL_TYPE, SLIMLM_ONLY, LoadedModel, load, weight_matrix
 from .sparsity import Sparsity, is_valid_nm
 
 
@@ -63,26 +65,64 @@ def _verify(original: LoadedModel, folder: Path, probe: torch.Tensor, target_nam
     return {"max_abs_output_diff": diff, "nm_valid": sparsity is not None and sparsity.is_nm}
 
 
+def staging_dir(destination: Path) -> Path:
+    """A new hidden folder beside `destination` to build it in (finish it with `open_up`)."""
+    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+
+
+def open_up(folder: Path) -> None:
+    """Give a finished staging folder and its files the permissions mkdir and open would have given them
+    under the user's umask: mkdtemp makes the folder 0700 and safetensors writes 0600, which the rename
+    would carry over, leaving the output unreadable to colleagues on a shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def needs_slimlm(folder: Path) -> bool:
+    """Does this folder hold something plain transformers cannot rebuild (quantized codes, factorized
+    layers, SLoRB side paths)? It would load it with those layers randomly initialised."""
+    config = json.loads((folder / "config.json").read_text())
+    return bool(config.get("slimlm_quant") or config.get("slimlm_lowrank") or (folder / "slorb.safetensors").exists())
+
+
+def mark_slimlm_only(folder: Path) -> None:
+    """Make plain transformers refuse the folder instead of loading a broken model: an unknown
+    model_type is an error there (naming the type, which says to use slimlm.load); models.load restores it."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config[SLIMLM_MODEL_TYPE], config["model_type"] = config["model_type"], SLIMLM_ONLY
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def publish(loaded: LoadedModel, output: Path, overwrite: bool, settings: dict, report: dict, card: str,
             target_names: list[str], sparsity: Sparsity | None, probe: torch.Tensor, extra_save=None,
-            drop: list[str] | None = None) -> None:
+            drop: list[str] | None = None, shown_path: Path | None = None) -> None:
     """Save, verify by reloading, then move into place. `report` gains the verification result.
     `extra_save(folder)` writes what the model needs beside its checkpoint (e.g. SLoRB tensors,
-    quantized codes); `drop` names state-dict entries that extra_save stores instead."""
+    quantized codes); `drop` names state-dict entries that extra_save stores instead. The card's "PATH"
+    becomes the folder's path (`shown_path` when the folder is converted further before it lands)."""
     output = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    card = card.replace('"PATH"', json.dumps(str(shown_path or output)))
+    tmp = staging_dir(output)
     try:
-        # SLoRB side paths are saved by their owner (extra_save), never inside the stock checkpoint
+        # SLoRB side paths go beside the stock checkpoint, never inside it (whichever command wrote the model)
         dropped = set(drop or [])
         state = {k: v for k, v in loaded.model.state_dict().items() if ".slorb." not in k and k not in dropped}
         loaded.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
+        if slorb.attached(loaded.model):
+            slorb.save(slorb.attached(loaded.model), tmp)
         if extra_save is not None:
             extra_save(tmp)
+        if needs_slimlm(tmp):
+            mark_slimlm_only(tmp)
         report["reload_check"] = _verify(loaded, tmp, probe, target_names, sparsity)
         (tmp / "slimlm.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "README.md").write_text(card)
+        open_up(tmp)
         move_into_place(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,11 +169,12 @@ def budget_line(report: dict) -> str:
 
 
 def model_card(title: str, report: dict, summary: list[str], results: dict[str, float] | None,
-               how_to_load: str, tags: list[str]) -> str:
+               how_to_load: str, tags: list[str], slimlm_only: bool = False) -> str:
     """A short model card with Hub-style front matter: what was done (`summary`), its scores, what it
-    cost (from `report`, the same for every command) and how to load it."""
+    cost (from `report`, the same for every command) and how to load it. `slimlm_only`: the folder loads
+    with slimlm.load only (plain transformers refuses it)."""
     base_model = report["base_model"]
-    lines = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in tags]
+    lines = ["---", f"library_name: {'slimlm' if slimlm_only else 'transformers'}", "tags:"] + [f"- {t}" for t in tags]
     if "/" in base_model and not Path(base_model).exists():
         lines.append(f"base_model: {base_model}")
     lines += ["---", "", f"# {title}", "", *summary, ""]
@@ -141,7 +182,12 @@ def model_card(title: str, report: dict, summary: list[str], results: dict[str, 
         lines += ["| evaluation | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
         lines.append("")
-    lines += [budget_line(report), "", "## How to load", "", "```python", how_to_load.strip(), "```", "",
+    lines += [budget_line(report), "", "## How to load", "", "```python", how_to_load.strip(), "```", ""]
+    if slimlm_only:
+        lines += ["Plain `transformers` refuses this folder (its `config.json` names the model type "
+                  f"`{SLIMLM_ONLY}`): it would build the compressed layers with random weights. "
+                  "`slimlm.load` rebuilds them and returns an ordinary `transformers` model.", ""]
+    lines += [
               "Made with [slimlm](https://pypi.org/project/slimlm/); `report.json` holds every setting and "
               "measurement, `slimlm.yaml` the resolved settings.", ""]
     return "\n".join(lines)

@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import ctexport, data, models, oneshot, output, quant
+from . import ctexport, data, devices, models, oneshot, output, quant
 from .errors import SlimlmError
 from .prune.blockwise import prune_blockwise
 from .sparsity import is_valid_nm
 
 FILENAME = "quant.safetensors"
 DEFAULTS = {
-    "model": None, "bits": 4, "group_size": 128, "method": "rtn", "calib": None, "nsamples": 128, "seqlen": 2048,
+    "model": None, "bits": 4, "group_size": 128, "method": "rtn", "calib": None, "nsamples": 128, "seqlen": None,
     "seed": 0, "include": None, "ignore": None, "percdamp": 0.01, "blocksize": 128, "eval": None,
-    "eval_dense": False, "eval_seqlen": None, "eval_windows": None, "device": "cpu", "format": "slimlm",
+    "eval_dense": False, "eval_seqlen": None, "eval_windows": None, "device": "auto", "format": "slimlm",
 }
 METHODS = ("rtn", "gptq")
 FORMATS = ("slimlm", "compressed-tensors")
@@ -45,7 +45,10 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
         raise SlimlmError(f"--bits {settings['bits']} is not supported: choose 4 or 8")
     out_path = output.check_output_dir(output_dir, overwrite) if output_dir else None
     group = group_size_of(settings["group_size"])
+    settings["device"] = devices.resolve(settings["device"], announce=True)
     loaded = models.load(settings["model"], device=settings["device"])
+    if settings["calib"] or settings["eval"]:
+        oneshot.fit_windows(loaded, settings)
     targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -78,7 +81,7 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     if settings["method"] == "gptq":
         if not settings["calib"]:
             raise SlimlmError("--method gptq needs calibration data: pass --calib")
-        calib = data.load_tokens(loaded.tokenizer, settings["calib"])
+        calib = data.load_tokens(loaded.tokenizer, settings["calib"], split="train")
         windows = data.calibration_windows(calib, settings["nsamples"], settings["seqlen"], settings["seed"])
         prune_blockwise(loaded.model, targets, windows, quantize_layer, hessian=True)
     else:
@@ -104,17 +107,17 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
             save_file(tensors, str(folder / FILENAME))
 
         probe = (windows[0] if windows is not None else torch.arange(32))[:64].unsqueeze(0)
-        publish = lambda folder, replace: output.publish(  # noqa: E731
+        publish = lambda folder, replace, shown_path=None: output.publish(  # noqa: E731
             loaded, folder, replace, settings, report, _card(report), list(targets), None,
             probe.to(next(loaded.model.parameters()).device), extra_save=save_codes,
-            drop=[f"{name}.weight" for name in targets])
+            drop=[f"{name}.weight" for name in targets], shown_path=shown_path)
         if settings["format"] == "slimlm":
             publish(out_path, overwrite)
         else:
             # the slimlm folder is written and reload-checked first, then converted from it
             staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.staging-", dir=out_path.parent))
             try:
-                publish(staging / "slimlm", False)
+                publish(staging / "slimlm", False, shown_path=out_path)
                 ctexport.export(staging / "slimlm", out_path, overwrite)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -201,4 +204,5 @@ def _card(report: dict) -> str:
                "model = AutoModelForCausalLM.from_pretrained(\"PATH\", quantization_config="
                "CompressedTensorsConfig(dequantize=True))")
     return output.model_card(f"{report['base_model']} — int{s['bits']} {s['method']}", report,
-                             summary, results, how, ["slimlm", "quantization", f"int{s['bits']}", s["method"]])
+                             summary, results, how, ["slimlm", "quantization", f"int{s['bits']}", s["method"]],
+                             slimlm_only=s.get("format") != "compressed-tensors")

@@ -27,7 +27,8 @@ DEFAULTS = {
         "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0,
         "bf16": "auto",  # auto: bf16 autocast where the device computes bf16 natively (CUDA, avx512_bf16/amx CPUs)
         "grad_checkpointing": False, "eval_every": 50, "save_every": 50, "keep_checkpoints": 2,
-        "log_every": 1, "tensorboard": False, "device": "cpu",
+        "log_every": 1, "tensorboard": False,
+        "device": "auto",  # auto: a CUDA GPU when there is one, else the CPU
     },
     # under torchrun: ddp (every rank holds the model) or fsdp (FSDP2 fully_shard: parameters, gradients
     # and optimizer states sharded by rows); bf16 mixed precision and CPU offload are FSDP's
@@ -35,7 +36,7 @@ DEFAULTS = {
     "method": {
         "name": "ast",
         "sparsity": "2:4",
-        "init": "magnitude",          # the first mask: magnitude, or a one-shot method: wanda | sparsegpt
+        "init": "wanda",              # the first mask: a one-shot method (wanda | sparsegpt) or magnitude
         "init_pruned": "dense",       # what weights outside a one-shot mask start as: dense (they can come back) | zero
         "calib": None, "nsamples": 32,  # calibration for init: wanda | sparsegpt
         "include": None, "ignore": None,

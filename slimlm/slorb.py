@@ -54,6 +54,11 @@ def attach(module: nn.Module, slorb: SLoRB) -> None:
     module._slorb_hook = module.register_forward_hook(_add_side_path)
 
 
+def attached(model: nn.Module) -> dict[str, SLoRB]:
+    """The SLoRB side paths attached to the layers of `model`, by layer name."""
+    return {name: m.slorb for name, m in model.named_modules() if isinstance(getattr(m, "slorb", None), SLoRB)}
+
+
 def save(slorbs: dict[str, SLoRB], folder: Path) -> None:
     tensors, layout = {}, {}
     for name, s in slorbs.items():

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from .errors import SlimlmError
+from . import models
 from .models import LoadedModel
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: run `pip install 'slimlm[eval]'`"
@@ -52,8 +53,7 @@ def task_manager(names: list[str], include_path: list[str] | None):
 
 def max_context(model, seqlen: int) -> int:
     """The longest input we give the model: `seqlen`, or less if its position table is shorter."""
-    config = model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = models.max_positions(model.config)
     return min(seqlen, limit) if limit else seqlen
 
 

@@ -78,3 +78,11 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
     path.write_text((DATA / "sotu" / "test.txt").read_text()[:60_000])
     return path
+
+
+def assert_transformers_refuses(folder, auto_class=None):
+    """A folder only slimlm can rebuild: plain transformers must fail (its message says to use
+    slimlm.load), never load a model with randomly initialised layers."""
+    auto_class = auto_class or transformers.AutoModelForCausalLM
+    with pytest.raises(ValueError, match=r"slimlm\.load"):
+        auto_class.from_pretrained(folder)

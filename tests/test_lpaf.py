@@ -17,6 +17,7 @@ from slimlm.lowrank import rank_for_budget
 from slimlm.train.job import run as train_run
 from slimlm.train.mixed_rank import MixedRankTraining
 from slimlm.train.movement import MovementPruning, scores_of
+from conftest import assert_transformers_refuses
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,8 @@ def test_lpaf_end_to_end_exports_factors_that_reload_identically(classifier, bro
     assert [h["step"] for h in history] == list(range(1, 13))
     tokens = [h["tokens"] for h in history]
     assert tokens == sorted(tokens) and tokens[-1] == report["tokens_seen"]
-    assert "slimlm.load" in (out / "README.md").read_text()
+    assert f'slimlm.load("{out}")' in (out / "README.md").read_text()
+    assert_transformers_refuses(out, transformers.AutoModelForSequenceClassification)
 
 
 def test_lpaf_merge_gives_a_stock_checkpoint(classifier, brown, tmp_path):

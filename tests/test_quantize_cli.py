@@ -2,6 +2,7 @@
 import json
 
 import slimlm
+from conftest import assert_transformers_refuses
 from slimlm.cli import main
 from slimlm.models import find_targets, weight_matrix
 from slimlm.sparsity import is_valid_nm
@@ -30,6 +31,8 @@ def test_quantize_a_24_model_keeps_zeros_packs_and_reloads(model_dirs, text_file
         results[method] = report["evaluation"]
         config = json.loads((out / "config.json").read_text())
         assert config["slimlm_quant"]["bits"] == 4 and (out / "quant.safetensors").is_file()
+        assert_transformers_refuses(out)  # it would leave the quantized layers random
+        assert "library_name: slimlm" in (out / "README.md").read_text()
     before = results["rtn"]["before"]["perplexity"]
     assert results["gptq"]["quantized"]["perplexity"] <= results["rtn"]["quantized"]["perplexity"] * 1.05
     assert abs(results["rtn"]["quantized"]["perplexity"] - before) / before < 0.5

@@ -13,6 +13,7 @@ from slimlm.models import find_targets, weight_matrix
 from slimlm.sparsity import is_valid_nm
 from slimlm.train.engine import Trainer
 from slimlm.train.sparse import SparseTraining
+from conftest import assert_transformers_refuses
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +128,17 @@ def test_slorb_export_reloads_through_slimlm_load(model_dirs, corpus, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["slorb_layers"] == 14 and report["reload_check"]["max_abs_output_diff"] == 0.0
     model = slimlm.load(str(out))
-    plain = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(getattr(m, "slorb", None), torch.nn.Module) for m in model.modules()) == 14
+    assert_transformers_refuses(out)  # it would drop the side paths
+    card = (out / "README.md").read_text()
+    assert "library_name: slimlm" in card and f'slimlm.load("{out}")' in card
+    # the README's path: quantize the retrained model; the side paths travel with it
+    assert main(["quantize", "--model", str(out), "--bits", "8", "--group-size", "16", "--output", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "slorb.safetensors").is_file()
     ids = torch.arange(20).unsqueeze(0)
     with torch.no_grad():
-        assert not torch.allclose(model(ids).logits, plain(ids).logits)  # the side paths matter
-    assert "slimlm.load" in (out / "README.md").read_text()
+        diff = (slimlm.load(str(tmp_path / "q"))(ids).logits - model(ids).logits).abs().max().item()
+    assert diff < 0.05
 
 
 @pytest.mark.parametrize("override,message", [
@@ -152,6 +159,21 @@ def test_teacher_with_other_vocabulary_is_refused(model_dirs, corpus, tmp_path, 
                f"data.train={corpus / 'train.txt'}", "data.seqlen=32", "train.steps=2", "train.batch_size=2",
                "method.distill.teacher=smollm2-135m"])
     assert rc == 2 and "has 49152 outputs (vocabulary or classes), the student 384" in capsys.readouterr().err
+
+
+def test_a_pruned_start_is_refused_as_its_own_teacher(model_dirs, corpus, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dirs["llama"]), "--method", "magnitude", "--output", str(pruned)]) == 0
+    args = ["train", "--recipe", "ast", f"model={pruned}", f"data.train={corpus / 'train.txt'}", "data.seqlen=32",
+            "train.batch_size=2", "train.steps=2", "method.init=magnitude"]
+    assert main(args + ["--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "already pruned (50% of its block weights are zero)" in err and "method.distill.teacher=DENSE" in err
+    # with the dense model named as the teacher the same start trains, and distils from something else
+    assert main(args + ["--output", str(tmp_path / "b"), f"method.distill.teacher={model_dirs['llama']}"]) == 0
+    first = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] > 1e-5  # a copy of the pruned start would give exactly 0
+    assert f"distillation from {model_dirs['llama']}" in (tmp_path / "b" / "README.md").read_text()
 
 
 def test_diverging_loss_stops_with_the_step(model_dirs, corpus, tmp_path, capsys):

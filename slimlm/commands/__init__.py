@@ -6,7 +6,8 @@ def add_calibrated_job_arguments(p, solver: str) -> None:
     (`solver`: SparseGPT or GPTQ), evaluation, device and output folder."""
     p.add_argument("--calib", help="calibration text: .txt, .jsonl with a 'text' field, or dataset name")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration (and evaluation) window")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration (and evaluation) window (default: 2048, "
+                   "or the model's position table if shorter)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--include", action="append", help="regex of target layer names (repeatable; replaces the default "
                    "of every linear layer in the blocks)")
@@ -17,7 +18,7 @@ def add_calibrated_job_arguments(p, solver: str) -> None:
     p.add_argument("--eval-dense", action="store_true", help="also measure the model before")
     p.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
     p.add_argument("--eval-windows", type=int, help="evaluate at most this many windows")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
 

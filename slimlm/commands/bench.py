@@ -23,7 +23,8 @@ def _ints(text: str | None, option: str) -> list[int] | None:
 def add_arguments(p):
     p.add_argument("--model", required=True, help="the compressed model: any slimlm output folder (or HF folder)")
     p.add_argument("--dense", required=True, help="its dense reference: built-in name, folder, .gguf file")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (2:4 layers use semi-structured kernels there)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu or cuda (2:4 layers use "
+                   "semi-structured kernels there)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on CPU, float16 on CUDA (the 2:4 kernels take half precision)")
     p.add_argument("--batch-sizes", help="whole-model batch sizes (sequences), e.g. 1,4")

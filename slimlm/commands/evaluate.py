@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from .. import data, models, output
+from .. import data, devices, models, output
 from ..errors import SlimlmError
 from ..evaluate import accuracy, perplexity
 
@@ -22,20 +22,22 @@ def add_arguments(p):
     p.add_argument("--no-report", action="store_true", help="tasks: do not merge the scores into the model "
                    "folder's report.json and model card")
     p.add_argument("--max-length", type=int, default=128, help="classifier: tokens per example")
-    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window; for tasks, the longest input "
-                   "(longer ones lose tokens from the left)")
+    p.add_argument("--seqlen", type=int, help="perplexity window; for tasks, the longest input (longer ones lose "
+                   "tokens from the left). Default: 2048, or the model's position table if shorter")
     p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
     p.add_argument("--batch-size", type=int, help="default: 1 window (perplexity), 8 requests (tasks), "
                    "32 examples (accuracy)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--json", help="write the result with its protocol to this file")
 
 
 def run(args):
     if not args.data and not args.tasks:
         raise SlimlmError("nothing to evaluate: pass --data FILE (perplexity or accuracy) and/or --tasks NAMES")
-    loaded = models.load(args.model, args.dtype, args.device)
+    loaded = models.load(args.model, args.dtype, devices.resolve(args.device, announce=True))
+    if loaded.kind == "causal-lm":  # windows (perplexity) and the longest task input
+        args.seqlen = models.fit_seqlen(loaded.model.config, args.seqlen, "--seqlen")
     if args.tasks:
         _tasks(loaded, args)
     if args.data:

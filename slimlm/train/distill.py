@@ -35,6 +35,7 @@ def make_teacher(model, d: dict, bf16: bool):
     name = d["teacher_dtype"] if d["teacher_dtype"] != "auto" else ("bfloat16" if bf16 else "float32")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
     if d["teacher"] is None:
+        _refuse_pruned_start(model)
         teacher = copy.deepcopy(model)
     else:
         teacher = models.load(d["teacher"], device=str(next(model.parameters()).device)).model
@@ -44,6 +45,19 @@ def make_teacher(model, d: dict, bf16: bool):
                               f"{s_out}: distillation compares their distributions, use a teacher with the "
                               "student's tokenizer (or label set)")
     return teacher.to(dtype).eval().requires_grad_(False)
+
+
+def _refuse_pruned_start(model, limit: float = 0.25) -> None:
+    """The default teacher is a copy of the starting model: a start that is already pruned (a `slimlm
+    prune` output, say) would teach its own pruned outputs, KL 0 from step 1. A trained dense model has
+    almost no exact zeros, so a quarter of the block weights being zero means it was pruned."""
+    weights = [models.weight_matrix(m) for m in models.find_targets(model).values()]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    if zeros >= limit:
+        raise SlimlmError(f"the starting model is already pruned ({zeros:.0%} of its block weights are zero): as its "
+                          "own teacher it would teach the pruned model (KL 0 from the first step). Start from the "
+                          "dense model with a one-shot mask (model=DENSE method.init=wanda), or name the dense "
+                          "teacher (method.distill.teacher=DENSE)")
 
 
 def _outputs(model) -> int:

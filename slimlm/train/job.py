@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, models, output, slorb
+from .. import data, devices, models, output
 from . import budget, distributed
 from ..errors import SlimlmError
 from ..inspect import layer_stats, totals
@@ -42,13 +42,15 @@ def load_model_and_data(recipe: dict, device: str = "cpu"):
     d = recipe["data"]
     config, kind = models.inspect_config(recipe["model"])
     if kind == "causal-lm":
+        models.fit_seqlen(config, d["seqlen"], "data.seqlen")  # refuses windows past the position table
         loaded = models.load(recipe["model"], device=device)
-        train = data.load_tokens(loaded.tokenizer, d["train"])
-        valid = data.load_tokens(loaded.tokenizer, d["valid"]) if d["valid"] else None
+        train = data.load_tokens(loaded.tokenizer, d["train"], split="train")
+        valid = data.load_tokens(loaded.tokenizer, d["valid"], split="validation") if d["valid"] else None
         return loaded, train, valid
     if recipe["method"]["name"] in SPARSE:
         raise SlimlmError(f"model '{recipe['model']}' is a {kind} model: the {recipe['method']['name']} recipe "
                           "trains causal LMs; use movement or lpaf for encoders")
+    models.fit_seqlen(config, d["max_length"], "data.max_length")
     if kind == "sequence-classification":
         names = [config.id2label[i] for i in range(config.num_labels)]
         loaded = models.load(recipe["model"], device=device)
@@ -67,6 +69,7 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
     if not recipe["data"]["train"]:
         raise SlimlmError("the recipe has no training data: set data.train=FILE")
     start = time.perf_counter()
+    recipe["train"]["device"] = devices.resolve(recipe["train"]["device"], announce=True)
     device = distributed.init(recipe["train"]["device"])  # joins torchrun's process group, if any
     loaded, train, valid = load_model_and_data(recipe, device)
     run_dir = checkpoint_dir(output_dir)
@@ -120,8 +123,6 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
         report["labels"] = [loaded.model.config.id2label[i] for i in range(loaded.model.config.num_labels)]
 
     def save_extras(folder: Path) -> None:
-        if getattr(hooks, "slorbs", None):
-            slorb.save(hooks.slorbs, folder)
         if history:
             (folder / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             plot_curves(history, folder / "training_curves.png", title=f"{name} on {recipe['model']}")
@@ -273,7 +274,8 @@ def _card(report: dict) -> str:
     else:
         parts, what = ["dense"], "fine-tuned"
     if m["distill"]["enabled"] and name != "finetune":
-        parts.append(f"distillation α={m['distill']['alpha']}, T={m['distill']['temperature']}")
+        parts.append(f"distillation from {m['distill']['teacher'] or 'the dense starting model'} "
+                     f"(α={m['distill']['alpha']}, T={m['distill']['temperature']})")
     p = report["parameters"]
     summary = [f"`{report['base_model']}` {what} with slimlm's **{name}** recipe: {'; '.join(parts)}.",
                f"Training: {report['steps']} steps, {report['tokens_seen']:,} tokens of `{r['data']['train']}` "
@@ -284,17 +286,17 @@ def _card(report: dict) -> str:
                        f"(dense: {p['model_dense']:,}).")
     if report.get("slorb_layers"):
         summary.append(f"SLoRB side paths in {report['slorb_layers']} layers ({report['slorb_parameters']:,} "
-                       f"parameters, group size {m['slorb']['group_size']}) are stored in `slorb.safetensors`: "
-                       "load with `slimlm.load(PATH)`; plain transformers loads the 2:4 part without them.")
+                       f"parameters, group size {m['slorb']['group_size']}) are stored in `slorb.safetensors`.")
     if report.get("lowrank_ranks"):
-        summary.append("Factorized layers (ranks in `config.json` under `slimlm_lowrank`) load with `slimlm.load(PATH)`.")
+        summary.append("Factorized layers: ranks in `config.json` under `slimlm_lowrank`.")
     metric = report["validation_metric"]
     label = {"val_ppl": "validation perplexity", "val_acc": "validation accuracy"}.get(metric)
     results = {f"{label} ({r['data']['valid']})": report["final_val"]} if report["final_val"] is not None else {}
     auto = "AutoModelForCausalLM" if report["model_kind"] == "causal-lm" else "AutoModelForSequenceClassification"
-    if report.get("slorb_layers") or report.get("lowrank_ranks"):
-        how = "import slimlm\nmodel = slimlm.load(\"PATH\")"
+    slimlm_only = bool(report.get("slorb_layers") or report.get("lowrank_ranks"))
+    if slimlm_only:
+        how = "import slimlm\nmodel = slimlm.load(\"PATH\")  # a transformers model with the layers rebuilt"
     else:
         how = f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"PATH\")"
     tags = ["slimlm", name] + ([f"sparsity-{report['sparsity'].replace(':', '-')}"] if report["sparsity"] else [])
-    return output.model_card(f"{report['base_model']} — {name}", report, summary, results, how, tags)
+    return output.model_card(f"{report['base_model']} — {name}", report, summary, results, how, tags, slimlm_only)

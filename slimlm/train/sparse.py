@@ -66,7 +66,7 @@ class SparseTraining(Hooks):
         keep_dense = cfg["init"] in ONE_SHOT and (cfg["init_pruned"] == "dense" or cfg["slorb"]["enabled"])
         dense = {n: m.weight.detach().clone() for n, m in self.targets.items()} if keep_dense else {}
         if cfg["init"] in ONE_SHOT or self.score == "activation":
-            calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"])
+            calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"], split="train")
             windows = calibration_windows(calib, cfg["nsamples"], self.recipe["data"]["seqlen"], self.recipe["seed"])
             if cfg["init"] in ONE_SHOT:  # the one-shot mask (SparseGPT also updates the kept weights)
                 prune(model, self.targets, cfg["init"], sp, windows, input_norms=self.input_scale)
