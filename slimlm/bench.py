@@ -357,37 +357,71 @@ def summary(result: dict) -> list[str]:
     return out
 
 
-def plot(result: dict, path: str) -> None:
-    """Speed-up vs batch size: one line per layer shape, and one per (phase, seqlen) for the whole model."""
-    import matplotlib
+def speedup_series(result: dict, which: str) -> dict[str, list[tuple[int, float, float, float]]]:
+    """{line label: [(batch, median speed-up, min, max)]} of the layer rows (one line per layer shape)
+    or the whole-model rows (one per phase and sequence length). Results of versions that did not
+    keep the repeats' range have min = max = median."""
+    lines: dict[str, list] = {}
+    for row in result["rows"]:
+        if (row["row"] == "layer") != (which == "layer"):
+            continue
+        label = (f"{row['shape'][0]}x{row['shape'][1]} {row['kind']}" if which == "layer"
+                 else f"{row['row']} s={row['seqlen']}")
+        lines.setdefault(label, []).append((row["batch"], row["speedup"], row.get("speedup_min", row["speedup"]),
+                                            row.get("speedup_max", row["speedup"])))
+    return {label: sorted(points) for label, points in lines.items()}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _draw_speedups(ax, lines: dict[str, list]) -> None:
+    """Median speed-up with the min-max range of the repeats as error bars. Lines at the same batch
+    are nudged apart sideways so that their bars do not cover each other."""
+    from .plotting import style
+
+    for j, (label, points) in enumerate(lines.items()):
+        nudge = 2 ** (0.06 * (j - (len(lines) - 1) / 2))
+        xs = [b * nudge for b, _, _, _ in points]
+        ys = [s for _, s, _, _ in points]
+        below, above = [s - lo for _, s, lo, _ in points], [hi - s for _, s, _, hi in points]
+        s = style(j)
+        ax.errorbar(xs, ys, yerr=[below, above], color=s["color"], marker=s["marker"], linestyle=s["linestyle"],
+                    markersize=5, capsize=3, label=label)
+
+
+def figure(result: dict):
+    """Speed-up vs batch size, layer shapes and whole model side by side (a panel only where there are
+    rows). Both axes are logarithmic (0.5× and 2× equally far from 1×) with plain tick labels."""
     import matplotlib.ticker
 
-    panels = [("layer", "target layer shapes"), ("model", "whole model")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, (which, title) in zip(axes, panels):
-        lines: dict[str, list[tuple[int, float]]] = {}
-        for row in result["rows"]:
-            if (row["row"] == "layer") != (which == "layer"):
-                continue
-            label = (f"{row['shape'][0]}x{row['shape'][1]} {row['kind']}" if which == "layer"
-                     else f"{row['row']} s={row['seqlen']}")
-            lines.setdefault(label, []).append((row["batch"], row["speedup"]))
-        for label, points in lines.items():
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=label)
+    from .plotting import plain_log_axis, pyplot
+
+    panels = [(which, title, speedup_series(result, which))
+              for which, title in (("layer", "target layer shapes"), ("model", "whole model"))]
+    panels = [p for p in panels if p[2]]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.5), squeeze=False)
+    for ax, (which, title, lines) in zip(axes.flat, panels):
+        _draw_speedups(ax, lines)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        points = [p for pts in lines.values() for p in pts]
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)  # ratios: 0.5x and 2x equally far from 1
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted({b for b, *_ in points})))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        batches = [p[0] for p in points]
+        ax.set_xlim(min(batches) / 1.5, max(batches) * 1.5)  # room for the nudges, even with one batch size
+        ax.set_yscale("log")
+        plain_log_axis(ax.yaxis, "×")
         ax.set_xlabel("batch (input rows)" if which == "layer" else "batch (sequences)")
-        ax.set_ylabel("speed-up over dense (>1 faster)")
-        ax.set_title(title)
-        if lines:
-            ax.legend(fontsize=7)
+        ax.set_ylabel("speed-up over dense (above 1× faster)")
+        ax.set_title(f"{title}: median, bars min–max of {result['settings']['repeats']} repeats", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(f"{result['model']} vs {result['dense']} on {result['device']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(result: dict, path: str) -> None:
+    from .plotting import save
+
+    save(figure(result), path, dpi=120)

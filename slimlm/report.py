@@ -104,6 +104,14 @@ def _quality(report: dict) -> tuple[str | None, float | None, str | None]:
     return "accuracy", value, where
 
 
+def _dense_quality(report: dict) -> float | None:
+    """The dense model's perplexity on the data the run's own evaluation used: slimlm prune measures
+    both (the reference line of the quality plot); other commands do not."""
+    if report.get("command") != "prune":
+        return None
+    return report.get("evaluation", {}).get("dense", {}).get("perplexity")
+
+
 def _budget(report: dict) -> str:
     command = report.get("command")
     if command == "quantize":
@@ -162,7 +170,7 @@ def describe(folder: str | Path) -> dict:
         "path": str(folder), "command": report.get("command"), "method": _method(report), "budget": _budget(report),
         "base_model": _base(report), "model_kind": report.get("model_kind"),
         "kept": kept, "dense": dense, "weight_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-        "metric": metric, "value": value, "evaluated_on": where, "tokens": tokens, "seconds": seconds,
+        "metric": metric, "value": value, "evaluated_on": where, "dense_value": _dense_quality(report), "tokens": tokens, "seconds": seconds,
         "tasks": report.get("lm_eval", {}), "history": _history(folder), "details": _details(report),
     }
 
@@ -257,7 +265,7 @@ def write(run_dirs: list[str], output: str) -> Path:
         plots = {}
         quality = f"{page.stem}-quality.png"
         if plot_quality(rows, names, tmp / quality):
-            plots["Quality against non-zero parameters"] = quality
+            plots["Quality of each run against dense"] = quality
         curves = f"{page.stem}-curves.png"
         if plot_curves(rows, names, tmp / curves):
             plots["Training curves"] = curves

@@ -126,3 +126,26 @@ def test_bench_errors_name_the_problem(sparse_dir, model_dirs, tmp_path, capsys)
     assert main(["bench", "--model", str(sparse_dir), "--dense", str(model_dirs["llama"]),
                  "--json", str(tmp_path / "missing" / "b.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_plot_has_plain_ticks_and_the_repeats_range():
+    def layer(batch, speedup, low, high):
+        return {"row": "layer", "shape": [64, 32], "kind": "2:4+int4", "batch": batch, "speedup": speedup,
+                "speedup_min": low, "speedup_max": high}
+
+    rows = [layer(1, 0.1, 0.08, 0.12), layer(16, 0.02, 0.015, 0.03), layer(512, 0.014, 0.012, 0.016),
+            {"row": "prefill", "seqlen": 32, "batch": 1, "speedup": 0.45, "speedup_min": 0.42, "speedup_max": 0.5}]
+    result = {"rows": rows, "model": "m", "dense": "d", "device": "cpu", "settings": {"repeats": 5}}
+    fig = bench.figure(result)
+    layers, whole = fig.axes
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in layers.get_yticklabels() if t.get_text()]
+    assert ticks == ["0.01×", "0.02×", "0.05×", "0.1×", "0.2×", "0.5×", "1×"]  # 1×, the dense line, in view
+    assert [t.get_text() for t in layers.get_xticklabels()] == ["1", "16", "512"]
+    (bars,) = layers.containers  # one line: one layer shape
+    segments = bars.lines[2][0].get_segments()
+    assert [(round(s[0][1], 3), round(s[1][1], 3)) for s in segments] == [(0.08, 0.12), (0.015, 0.03), (0.012, 0.016)]
+    assert "min–max of 5 repeats" in layers.get_title()
+    assert [t.get_text() for t in whole.get_xticklabels()] == ["1"]
+    # a result with only whole-model rows gets one panel, not an empty one
+    assert len(bench.figure({**result, "rows": rows[3:]}).axes) == 1

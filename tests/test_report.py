@@ -9,7 +9,7 @@ from slimlm import output
 from slimlm.cli import main
 from slimlm.errors import SlimlmError
 from slimlm.report import describe, short_names
-from slimlm.report_plots import quality_panels, token_axis
+from slimlm.report_plots import curve_panels, curves_figure, quality_figure, quality_panels, token_axis
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -19,7 +19,7 @@ def runs(model_dirs, text_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     text = str(text_file)
     assert main(["prune", "--model", str(model_dirs["llama"]), "--method", "wanda", "--calib", text, "--nsamples", "4",
-                 "--seqlen", "64", "--eval", text, "--eval-windows", "4", "--output", str(root / "wanda")]) == 0
+                 "--seqlen", "64", "--eval", text, "--eval-windows", "4", "--eval-dense", "--output", str(root / "wanda")]) == 0
     assert main(["quantize", "--model", str(root / "wanda"), "--bits", "4", "--group-size", "16", "--method", "rtn",
                  "--eval", text, "--eval-windows", "4", "--output", str(root / "int4")]) == 0
     assert main(["train", "--recipe", "ast", "--output", str(root / "ast"), f"model={model_dirs['llama']}",
@@ -85,6 +85,7 @@ def test_report_renders_runs_of_different_kinds(runs, tmp_path):
     page = tmp_path / "cmp.md"
     assert main(["report", *map(str, runs.values()), "--output", str(page)]) == 0
     text = page.read_text()
+    assert "## Quality of each run against dense" in text
     for png in ("cmp-quality.png", "cmp-curves.png"):
         assert f"]({png})" in text and (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp-curves.png", "cmp-quality.png", "cmp.md"]
@@ -98,9 +99,15 @@ def test_report_renders_runs_of_different_kinds(runs, tmp_path):
 
     # the quality panels keep perplexity, accuracy and each task apart
     rows = [describe(f) for f in runs.values()]
-    titles = [title for title, _ in quality_panels(rows, list(runs))]
-    assert any(t.startswith("accuracy on") for t in titles) and "sotu_next (acc, lm-eval)" in titles
-    assert sum(t.startswith("perplexity on") for t in titles) >= 1
+    panels = {p["title"]: p for p in quality_panels(rows, list(runs))}
+    assert any(t.startswith("accuracy on") for t in panels) and "sotu_next (acc, lm-eval)" in panels
+    # the pruning run evaluated the dense model on its own data: that panel has the dense line
+    wanda = rows[list(runs).index("wanda")]
+    assert panels[f"perplexity on {wanda['evaluated_on']}"]["dense"] == {
+        "dense " + wanda["base_model"]: rep["wanda"]["evaluation"]["dense"]["perplexity"]}
+    # the classifier was fine-tuned dense: its accuracy is the reference line of its panel, not a point
+    clf = next(p for t, p in panels.items() if t.startswith("accuracy on"))
+    assert clf["points"] == [] and list(clf["dense"]) == ["clf (dense)"]
 
 
 def test_bad_runs_are_named_and_nothing_is_written(runs, tmp_path, capsys):
@@ -126,3 +133,70 @@ def test_token_axis_continues_across_training_stages():
     history = [{"step": s, "tokens": t} for s, t in ((1, 10), (2, 20), (3, 10), (4, 20))]
     assert token_axis(history) == [10, 20, 30, 40]
     assert token_axis([{"step": 1}, {"step": 2}]) == [1, 2]
+
+
+def row(name: str, value: float | None, kept: int | None = 50, **kw) -> dict:
+    """A report row as `describe` makes it, for plots without output folders."""
+    return {"path": name, "command": "train", "method": "ast", "budget": "2:4", "base_model": "base",
+            "model_kind": "causal-lm", "kept": kept, "dense": 100, "weight_bytes": 0, "metric": "perplexity",
+            "value": value, "evaluated_on": "valid.txt (4×64)", "dense_value": None, "tokens": None,
+            "seconds": None, "tasks": {}, "history": [], "details": "", **kw}
+
+
+def tick_labels(axis) -> list[str]:
+    return [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+
+
+def test_quality_plot_gives_each_run_its_place_and_the_dense_line():
+    # three 2:4 runs of the same size (one plotted x position each, not one on top of the other),
+    # a diverged one (log axis) and a pruning run that measured the dense model
+    rows = [row("a", 47.1), row("b", 46.6), row("c", 3000.0), row("p", 198.0, command="prune", dense_value=26.4)]
+    fig = quality_figure(rows, ["a", "b", "c", "p"])
+    ax = fig.axes[0]
+    xs = [c.lines[0].get_xdata()[0] for c in ax.containers]
+    assert xs == [0, 1, 2, 3]
+    assert [t.split("\n")[0] for t in tick_labels(ax.xaxis)] == ["a", "b", "c", "p"]
+    dense = [line for line in ax.get_lines() if line.get_label().startswith("dense")]
+    assert len(dense) == 1 and list(dense[0].get_ydata()) == [26.4, 26.4]
+    assert dense[0].get_label() == "dense base: 26.4"
+    assert "lower is better" in ax.get_ylabel() and ax.get_yscale() == "log"
+    fig.canvas.draw()
+    labels = tick_labels(ax.yaxis)
+    assert labels and all(float(t.replace(",", "")) > 0 for t in labels)  # 30, 100, 1,000: no 10^x
+    assert {"100", "1,000"} <= set(labels)
+
+
+def test_quality_plot_of_accuracy_and_tasks_says_higher_is_better():
+    tasks = {"t": {"metrics": {"acc": 0.3, "acc_norm": 0.4}, "stderr": {"acc": 0.05, "acc_norm": 0.05}}}
+    rows = [row("clf", 0.8, metric="accuracy", budget="dense"), row("m", 0.6, metric="accuracy"),
+            row("lm", None, kept=None, tasks=tasks)]
+    fig = quality_figure(rows, ["clf", "m", "lm"])
+    acc, task = fig.axes
+    assert "higher is better" in acc.get_ylabel() and "higher is better" in task.get_ylabel()
+    assert len(acc.containers) == 1 and acc.get_lines()[-1].get_label() == "clf (dense): 0.8"
+    assert task.get_title() == "t (acc, lm-eval)" and tick_labels(task.xaxis) == ["lm"]  # no size: name only
+    assert quality_figure([row("x", None)], ["x"]) is None
+
+
+def test_curves_compare_like_with_like_and_skip_empty_panels():
+    ce_only = [{"step": s, "tokens": 10 * s, "loss": 3.0, "ce": 3.0} for s in (1, 2)] + [{"step": 2, "val_ppl": 20.0}]
+    kd = [{"step": s, "tokens": 10 * s, "loss": 1.5, "ce": 3.5, "kl": 0.5} for s in (1, 2)]
+    old = [{"step": s, "loss": 4.0} for s in (1, 2)]  # an older version: no CE record
+    clf = [{"step": 1, "tokens": 8, "loss": 0.7, "ce": 0.7, "val_acc": 0.5}]
+    rows = [row("ce", 1.0, history=ce_only), row("kd", 1.0, history=kd), row("old", 1.0, history=old),
+            row("clf", 0.5, history=clf, model_kind="sequence-classification", metric="accuracy"), row("p", 2.0)]
+    panels = {title: lines for title, _, _, _, lines in curve_panels(rows)}
+    assert list(panels) == ["causal-lm: training cross-entropy (trailing mean)",
+                            "causal-lm: distillation KL to the teacher (trailing mean)",
+                            "causal-lm: training objective as logged, runs without CE records (trailing mean)",
+                            "causal-lm: validation perplexity",
+                            "sequence-classification: training cross-entropy (trailing mean)",
+                            "sequence-classification: validation accuracy"]
+    ce = dict(panels["causal-lm: training cross-entropy (trailing mean)"])
+    assert ce == {0: [(10, 3.0), (20, 3.0)], 1: [(10, 3.5), (20, 3.5)]}  # the KD run's CE, not its mixture
+    assert [i for i, _ in panels["causal-lm: distillation KL to the teacher (trailing mean)"]] == [1]
+    assert [i for i, _ in panels["causal-lm: training objective as logged, runs without CE records (trailing mean)"]] == [2]
+    fig = curves_figure(rows, ["ce", "kd", "old", "clf", "p"])
+    drawn = [ax for ax in fig.axes if ax.axison]
+    assert len(drawn) == len(panels) and all(ax.lines for ax in drawn)
+    assert "higher is better" in drawn[-1].get_ylabel() and drawn[-1].get_yscale() == "linear"

@@ -247,3 +247,19 @@ def test_slorb_after_one_shot_init_starts_from_the_dense_weights_the_mask_remove
         expected = slorb.mean_init(dense[name], mask, 8)
         assert hooks.slorbs[name].S.abs().sum() > 0
         torch.testing.assert_close(hooks.slorbs[name].S.detach(), expected)
+
+
+def test_training_curve_panels_only_where_there_is_data():
+    from slimlm.train.plots import panel_lines
+
+    kd = [{"step": 1, "loss": 2.0, "ce": 4.0, "kl": 1.0, "lr": 1e-4, "lambda": 0.0, "mask_flip_rate": 0.01},
+          {"step": 2, "loss": 1.8, "ce": 3.5, "kl": 0.9, "lr": 1e-4, "lambda": 1.0, "val_ppl": 40.0}]
+    panels = dict(panel_lines(kd))
+    assert [label for label, _ in panels["training loss (nats)"]] == ["cross-entropy", "KL to the teacher",
+                                                                    "objective α·KL + (1-α)·CE"]
+    assert list(panels) == ["training loss (nats)", "validation perplexity (lower is better)", "mask flip rate",
+                            "learning rate", "SR-STE decay λ"]
+    clf = [{"step": 1, "loss": 0.7, "ce": 0.7, "lr": 1e-4}, {"step": 2, "loss": 0.6, "ce": 0.6, "lr": 1e-4, "val_acc": 0.5}]
+    panels = dict(panel_lines(clf))
+    assert list(panels) == ["training loss (nats)", "validation accuracy (higher is better)", "learning rate"]
+    assert panels["training loss (nats)"] == [("cross-entropy", [(1, 0.7), (2, 0.6)])]  # loss == CE: drawn once
