@@ -1,25 +1,74 @@
-"""`slimlm` command line: one sub-command per module in slimlm/commands, errors as one clear line."""
+"""`slimlm` command line: one sub-command per module in slimlm/commands, errors as one clear line.
+
+The top-level help comes from the table below; a command's module (and with it torch and
+transformers) is imported only when that command is chosen, so `slimlm --help` stays fast."""
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
 
+from . import __version__
 from .errors import SlimlmError
 
-COMMANDS = ("prune", "finetune", "train", "quantize", "eval", "inspect", "report", "bench", "demo")
+# name -> one-line help (the command's description too); its module is slimlm/commands/<name>.py
+COMMANDS = {
+    "prune": "Prune a model one-shot (magnitude, Wanda, SparseGPT) to N:M or unstructured sparsity.",
+    "finetune": ("Fine-tune a model densely on a task (a classification head on JSONL {text, label} for encoders), "
+                 "e.g. to make the teacher for movement pruning and LPAF."),
+    "train": ("Retrain a model compressed from a YAML recipe with key=value overrides: 2:4 sparse (ast, ast-slorb, "
+              "naive, gmp), movement-pruned (movement) or low-rank (lpaf)."),
+    "quantize": ("Quantize the weights of a (2:4 sparse, low-rank or dense) model to int8/int4, RTN or GPTQ, keeping "
+                 "its zeros exact; writes packed codes that slimlm.load rebuilds."),
+    "eval": ("Measure token perplexity (SparseGPT/Wanda protocol) of a causal LM on a text, the accuracy of a "
+             "classifier on JSONL {text, label}, or lm-evaluation-harness task scores (--tasks)."),
+    "inspect": ("Per target layer: shape, stored weights, sparsity, 2:4 / 4:8 validity, rank and effective rank "
+                "(90% energy); with --spectra, a PNG of singular-value spectra per layer type for one or more models."),
+    "report": ("Compare output folders side by side on one Markdown page (method, budget, parameters, size on disk, "
+               "perplexity / accuracy / lm-eval scores, tokens and time spent) with PNG plots beside it."),
+    "bench": ("Latency and throughput of a compressed model (2:4, low-rank, quantized) against its dense reference: "
+              "each target layer shape and the whole model (prefill, decode), over batch sizes and sequence lengths, "
+              "with peak GPU memory and the weights held in memory; prints a table, writes JSON and a PNG of the "
+              "speed-ups."),
+    "demo": "Offline demo: evaluate smollm2-135m, prune it 2:4 with Wanda, evaluate again, save it.",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Version(argparse.Action):
+    """--version: slimlm's version and those of torch and transformers, read from their package metadata
+    (importing them would take seconds) only when asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions of slimlm, torch and transformers")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "not installed"
+
+        print(f"slimlm {__version__} (torch {of('torch')}, transformers {of('transformers')})")
+        parser.exit()
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the command named in `argv` (all of them when argv is None) gets its options."""
     from importlib import import_module
 
     parser = argparse.ArgumentParser(prog="slimlm", description="Make language models small: prune, retrain, evaluate.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        module = import_module(f".commands.{name.replace('eval', 'evaluate')}", __package__)
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(run=module.run)
+    chosen = set(COMMANDS) if argv is None else {next((a for a in argv if not a.startswith("-")), None)}
+    for name, text in COMMANDS.items():
+        # help= is %-formatted by argparse, description= is not
+        command = sub.add_parser(name, help=text.replace("%", "%%"), description=text)
+        if name in chosen:
+            module = import_module(f".commands.{name.replace('eval', 'evaluate')}", __package__)
+            module.add_arguments(command)
+            command.set_defaults(run=module.run)
     return parser
 
 
@@ -32,7 +81,8 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     # recipe overrides (key=value) may come after the options too: `train --recipe ast --output D steps=5`
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

@@ -83,7 +83,7 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
             raise SlimlmError("--method gptq needs calibration data: pass --calib")
         calib = data.load_tokens(loaded.tokenizer, settings["calib"], split="train")
         windows = data.calibration_windows(calib, settings["nsamples"], settings["seqlen"], settings["seed"])
-        prune_blockwise(loaded.model, targets, windows, quantize_layer, hessian=True)
+        prune_blockwise(loaded.model, targets, windows, quantize_layer, hessian=True, desc="quantizing blocks (GPTQ)")
     else:
         for name, module in targets.items():
             quantize_layer(name, module)

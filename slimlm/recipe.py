@@ -6,6 +6,7 @@ key's type (None means "text or null"). Unknown keys and wrong types are errors 
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from importlib import resources
 from pathlib import Path
@@ -97,6 +98,18 @@ def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("slimlm.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
+def summary(name: str) -> str:
+    """One line about a built-in recipe: the first sentence of its leading comment (the part before its
+    first colon when the sentence is long)."""
+    lines = []
+    for line in (resources.files("slimlm.recipes") / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    first = " ".join(lines).split(". ")[0].rstrip(".")
+    return first.split(": ")[0] if len(first) > 100 else first
+
+
 def read_recipe(spec: str) -> dict:
     path = Path(spec).expanduser()
     if path.is_file():
@@ -174,10 +187,28 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     for key, value in update.items():
         full = f"{prefix}{key}"
         if key not in base:
-            raise SlimlmError(f"unknown recipe key '{full}'")
+            raise unknown_key(full)
         value = _check(value, base[key], full)
         base[key] = _merge(base[key], value, full + ".") if isinstance(base[key], dict) else value
     return base
+
+
+def unknown_key(key: str) -> SlimlmError:
+    """The error for a key DEFAULTS does not have, naming the closest known key if one is close."""
+    known = list(flatten(DEFAULTS, sections=True))
+    section, _, name = key.rpartition(".")
+    if section and section not in known:  # a misspelt section: trian.steps
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    else:  # a misspelt name in its section: train.warmup_step
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+        close = [siblings[n] for n in difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)]
+    if not close:  # the right name in another section (or in none): steps -> train.steps
+        names: dict[str, str] = {}
+        for k in known:  # a name in several sections: the outermost
+            names.setdefault(k.rpartition(".")[2], k)
+        close = [names[n] for n in difflib.get_close_matches(name, names, n=1, cutoff=0.8)]
+    hint = f": did you mean '{close[0]}'?" if close else ""
+    return SlimlmError(f"unknown recipe key '{key}'{hint}")
 
 
 def _parse_override(item: str) -> dict:
@@ -187,7 +218,7 @@ def _parse_override(item: str) -> dict:
     node, parts = DEFAULTS, key.split(".")
     for part in parts:
         if not isinstance(node, dict) or part not in node:
-            raise SlimlmError(f"unknown recipe key '{key}'")
+            raise unknown_key(key)
         node = node[part]
     # text keys keep the raw string (YAML would read 2:4 as a base-60 integer)
     text = (node is None or isinstance(node, str)) and key not in AUTO
@@ -222,14 +253,22 @@ def resolve(spec: str, overrides: list[str] | None = None) -> dict:
             continue
         if value > high or value < low or (value == low and not inclusive):
             raise SlimlmError(f"recipe key '{key}' must be in {'[' if inclusive else '('}{low}, {high}], got {value}")
+    warmup, steps = flat["train.warmup_steps"], flat["train.steps"]
+    if warmup != "auto" and warmup > steps:
+        origin = "" if any(o.startswith("train.warmup_steps=") for o in overrides or []) else f" (from recipe {spec})"
+        raise SlimlmError(f"train.warmup_steps={warmup}{origin} is more than train.steps={steps}: the learning rate "
+                          "would never reach train.lr; set train.warmup_steps to at most train.steps, or to auto")
     return recipe
 
 
-def flatten(recipe: dict, prefix: str = "") -> dict:
+def flatten(recipe: dict, prefix: str = "", sections: bool = False) -> dict:
+    """{dotted key: value} of every leaf (and with `sections`, of every section too)."""
     out = {}
     for k, v in recipe.items():
         if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
+            if sections:
+                out[f"{prefix}{k}"] = v
+            out.update(flatten(v, f"{prefix}{k}.", sections))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+import subprocess
+import warnings
 from pathlib import Path
+from unittest import mock
 
 from .errors import SlimlmError
 from . import models
@@ -94,15 +97,30 @@ def run_tasks(loaded: LoadedModel, names: list[str], include_path: list[str] | N
     max_length = max_context(loaded.model, seqlen)
     lm = lmeval.SlimlmLM(loaded.model, loaded.tokenizer, max_length=max_length, batch_size=batch_size)
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
-                                          num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
-                                          numpy_random_seed=seed, torch_random_seed=seed,
-                                          fewshot_random_seed=seed)
+        # lm-eval records the working folder's commit with `git describe`, whose stderr would reach the
+        # user ("fatal: not a git repository" outside one). FutureWarnings raised from transformers' and
+        # lm-eval's own modules concern their internals, not anything the user can change: dropped here
+        # (slimlm's own and other libraries' warnings still show)
+        with warnings.catch_warnings(), mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_commit):
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|lm_eval)(\.|$)")
+            results = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
+                                              num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
+                                              numpy_random_seed=seed, torch_random_seed=seed,
+                                              fewshot_random_seed=seed)
     except ConnectionError as err:  # a hub task whose data is not cached, without a network
         raise SlimlmError(f"lm-eval could not fetch a task's data set ({err}); real tasks need the "
                           "Hugging Face hub or its cache") from None
     settings = {"limit": limit, "max_length": max_length, "seed": seed, "lm_eval": lm_eval.__version__}
     return summarize(results, settings)
+
+
+def _git_commit() -> str | None:
+    """What lm-eval's get_git_commit_hash records (the working folder's commit), with git's stderr dropped."""
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def scores(task_result: dict) -> list[tuple[str, float, float | None]]:

@@ -21,6 +21,7 @@ def test_prune_writes_a_checked_hf_folder(model_dirs, text_file, tmp_path, capsy
     rc = main(prune_args(model_dirs["llama"], text_file, out, "--method", "sparsegpt", "--eval", str(text_file),
                          "--eval-dense", "--eval-windows", "3"))
     assert rc == 0
+    assert "pruning blocks" in capsys.readouterr().err
     for name in ("model.safetensors", "config.json", "tokenizer.json", "report.json", "README.md", "slimlm.yaml"):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob(".pruned.tmp-*"))
@@ -160,3 +161,37 @@ def test_unknown_method_is_refused_by_the_parser(model_dirs, capsys):
         main(["prune", "--model", str(model_dirs["llama"]), "--method", "obs", "--output", "x"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'obs'" in capsys.readouterr().err
+
+
+def test_version_names_slimlm_torch_and_transformers(capsys):
+    import torch
+
+    import slimlm
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"slimlm {slimlm.__version__} (torch {torch.__version__}, "
+                                               f"transformers {transformers.__version__})")
+
+
+def test_top_level_help_imports_no_command_and_a_command_help_shows_its_options():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys\nfrom slimlm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'slimlm.commands.train') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("[]")  # nothing heavy imported
+    for name in ("prune", "finetune", "train", "quantize", "eval", "inspect", "report", "bench", "demo"):
+        assert f"\n    {name} " in proc.stdout
+    assert "(90% energy)" in proc.stdout  # the inspect line of the command list
+    proc = subprocess.run([sys.executable, "-m", "slimlm", "prune", "--help"], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0 and "--sparsity" in proc.stdout and "--calib" in proc.stdout
+
+
+def test_inspect_help_shows_a_plain_percent(capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    out = capsys.readouterr().out
+    assert "(90% energy)" in out and "%%" not in out

@@ -60,6 +60,19 @@ def test_finetune_makes_a_stock_classifier_with_the_data_labels(classifier, brow
     assert sum(losses[-3:]) < sum(losses[:3])
 
 
+def test_finetune_on_one_class_is_refused(model_dirs, brown, tmp_path, capsys):
+    rows = [json.loads(x) for x in (brown / "train.jsonl").read_text().splitlines()]
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": r["text"], "label": "news"}) + "\n" for r in rows[:40]))
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(model_dirs["bert"]), "--data", str(one), "--valid", str(one),
+                 "--output", str(out), "train.steps=2", "train.warmup_steps=0", "train.batch_size=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"slimlm finetune: error: training data '{one}' has one class only ('news'): a classifier "
+                   "learns from examples of at least 2 classes")
+    assert not out.exists()
+
+
 def test_eval_reports_accuracy_of_a_classifier(classifier, brown, tmp_path):
     out = tmp_path / "acc.json"
     assert main(["eval", "--model", str(classifier), "--data", str(brown / "test.jsonl"), "--json", str(out),
@@ -197,7 +210,7 @@ def test_lpaf_on_a_decoder_factorizes_the_dense_weights_with_fisher(model_dirs, 
     rec = recipe.resolve("lpaf", [f"model={model_dirs['llama']}", f"data.train={text}", f"data.valid={text}",
                                   "data.seqlen=32", "data.eval_windows=2", "train.batch_size=2", "train.steps=4",
                                   "train.eval_every=4", "method.lpaf.prune=none", "method.lpaf.factorization=fisher",
-                                  "method.lpaf.fisher_batches=2", "method.keep=0.5"])
+                                  "method.lpaf.fisher_batches=2", "method.keep=0.5", "train.warmup_steps=1"])
     report = train_run(rec, str(tmp_path / "out"))
     assert report["validation_metric"] == "val_ppl" and report["final_val"] > 1
     assert report["reload_check"]["max_abs_output_diff"] == 0.0

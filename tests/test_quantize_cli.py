@@ -8,16 +8,19 @@ from slimlm.models import find_targets, weight_matrix
 from slimlm.sparsity import is_valid_nm
 
 
-def test_quantize_a_24_model_keeps_zeros_packs_and_reloads(model_dirs, text_file, tmp_path):
+def test_quantize_a_24_model_keeps_zeros_packs_and_reloads(model_dirs, text_file, tmp_path, capsys):
     sparse = tmp_path / "sparse"
     assert main(["prune", "--model", str(model_dirs["llama"]), "--method", "magnitude", "--sparsity", "2:4",
                  "--output", str(sparse)]) == 0
+    capsys.readouterr()
     results = {}
     for method in ("rtn", "gptq"):
         out = tmp_path / method
         assert main(["quantize", "--model", str(sparse), "--bits", "4", "--group-size", "16", "--method", method,
                      "--calib", str(text_file), "--nsamples", "8", "--seqlen", "32", "--eval", str(text_file),
                      "--eval-dense", "--eval-seqlen", "32", "--eval-windows", "8", "--output", str(out)]) == 0
+        progress = capsys.readouterr().err  # GPTQ's block-by-block bar says what it does
+        assert ("quantizing blocks (GPTQ)" in progress) == (method == "gptq") and "pruning" not in progress
         report = json.loads((out / "report.json").read_text())
         assert set(report["layers"].values()) == {"2:4"} and report["reload_check"]["max_abs_output_diff"] <= 1e-5
         z = report["sizes"]

@@ -33,7 +33,7 @@ def runs(model_dirs, text_file, tmp_path_factory):
         (brown / f"{split}.jsonl").write_text("\n".join(rows[:n]) + "\n")
     assert main(["finetune", "--model", str(model_dirs["bert"]), "--data", str(brown / "train.jsonl"),
                  "--valid", str(brown / "test.jsonl"), "--output", str(root / "clf"), "train.steps=4",
-                 "train.batch_size=8", "train.eval_every=2", "data.max_length=32"]) == 0
+                 "train.warmup_steps=1", "train.batch_size=8", "train.eval_every=2", "data.max_length=32"]) == 0
     return {name: root / name for name in ("wanda", "int4", "ast", "clf")}
 
 

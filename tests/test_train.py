@@ -97,12 +97,13 @@ def test_resume_after_a_stop_is_bitwise_identical(model_dirs, corpus, tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_cli_exports_a_plain_checkpoint(model_dirs, corpus, tmp_path):
+def test_train_cli_exports_a_plain_checkpoint(model_dirs, corpus, tmp_path, capsys):
     out = tmp_path / "ast"
     args = ["train", "--recipe", "ast", "--output", str(out), f"model={model_dirs['llama']}",
             f"data.train={corpus / 'train.txt'}", f"data.valid={corpus / 'valid.txt'}", "data.seqlen=32",
             "data.eval_windows=2", "train.batch_size=2", "train.steps=6", "train.eval_every=3", "train.save_every=3"]
     assert main(args) == 0
+    printed = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     assert report["reload_check"]["max_abs_output_diff"] == 0.0 and report["steps"] == 6
     assert (out / "training_curves.png").stat().st_size > 1000 and (out / "metrics.jsonl").is_file()
@@ -111,6 +112,11 @@ def test_train_cli_exports_a_plain_checkpoint(model_dirs, corpus, tmp_path):
     assert all(is_valid_nm(weight_matrix(m), 2, 4) for m in find_targets(model).values())
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "ce", "kl", "lr", "lambda", "tokens_per_s"} <= set(lines[0]) and "val_ppl" in lines[2]
+    # each validation is printed as it happens; the bar's tokens/s is the mean over the run, not the last step's
+    for record in (lines[2], lines[5]):
+        assert f"step {record['step']}: val_ppl {record['val_ppl']:.4f}\n" in printed.out
+    mean = sum(x["tokens_per_s"] * x["step_seconds"] for x in lines) / sum(x["step_seconds"] for x in lines)
+    assert float(printed.err.rsplit("tok_s=", 1)[1].split("]")[0]) == pytest.approx(mean, abs=0.51)
     # a resume whose recipe differs is refused, naming the key
     with pytest.raises(SlimlmError, match="train.lr"):
         rec = recipe.resolve("ast", args[5:] + ["train.lr=1e-3"])
@@ -122,7 +128,7 @@ def test_slorb_export_reloads_through_slimlm_load(model_dirs, corpus, tmp_path):
     import slimlm
 
     out = tmp_path / "slorb"
-    assert main(["train", "--recipe", "ast-slorb", "--output", str(out), f"model={model_dirs['llama']}",
+    assert main(["train", "--recipe", "ast-slorb", "--output", str(out), "--model", str(model_dirs["llama"]),
                  f"data.train={corpus / 'train.txt'}", "data.seqlen=32", "train.batch_size=2", "train.steps=3",
                  "method.slorb.group_size=8"]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -146,12 +152,67 @@ def test_slorb_export_reloads_through_slimlm_load(model_dirs, corpus, tmp_path):
     ("train.steps=many", "'train.steps' must be an integer"),
     ("method.decay.mode=sideways", "'method.decay.mode' must be one of"),
     ("method.sparsity=0.5", "must be N:M"),
+    ("train.warmup_step=3", "unknown recipe key 'train.warmup_step': did you mean 'train.warmup_steps'?"),
+    ("steps=3", "unknown recipe key 'steps': did you mean 'train.steps'?"),
+    ("method.distil.alpha=0.5", "did you mean 'method.distill.alpha'?"),
+    ("train.warmup_steps=101", "train.warmup_steps=101 is more than train.steps=100"),
 ])
 def test_recipe_errors_name_the_key(model_dirs, corpus, tmp_path, capsys, override, message):
     rc = main(["train", "--recipe", "ast", "--output", str(tmp_path / "o"), f"model={model_dirs['llama']}",
                f"data.train={corpus / 'train.txt'}", "data.seqlen=32", override])
-    assert rc == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_unknown_key_far_from_every_key_gets_no_guess():
+    with pytest.raises(SlimlmError) as info:
+        recipe.resolve("ast", ["method.bogus=1"])
+    assert str(info.value) == "unknown recipe key 'method.bogus'"
+
+
+def test_warmup_longer_than_the_run_is_refused_and_names_its_origin():
+    with pytest.raises(SlimlmError) as info:
+        recipe.resolve("finetune", ["train.steps=20"])
+    assert "train.warmup_steps=50 (from recipe finetune) is more than train.steps=20" in str(info.value)
+    assert recipe.resolve("finetune", ["train.steps=20", "train.warmup_steps=20"])["train"]["warmup_steps"] == 20
+    assert recipe.resolve("ast", ["train.steps=3"])["train"]["warmup_steps"] == "auto"  # auto scales with the run
+
+
+def test_print_config_resolves_without_loading_and_reads_back(tmp_path, capsys):
+    overrides = ["train.steps=20", "method.sparsity=4:8", "train.lr=1e-3"]
+    # a model that does not exist and no --output: nothing is loaded or written
+    assert main(["train", "--recipe", "ast", "--model", "no-such-model", "--print-config", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "model: no-such-model\n" in printed and "sparsity: '4:8'" in printed
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(printed)
+    assert recipe.resolve(str(saved)) == recipe.resolve("ast", ["model=no-such-model", *overrides])
+    assert main(["finetune", "--model", "m", "--data", "d.jsonl", "--print-config", "train.steps=60"]) == 0
+    printed = capsys.readouterr().out
+    assert "name: finetune" in printed and "train: d.jsonl" in printed and "steps: 60" in printed
+
+
+def test_list_recipes_names_and_describes_each_builtin(capsys):
+    assert main(["train", "--list-recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == recipe.builtin_names()
+    assert all(len(line.split()) > 2 for line in lines)
+    assert "gradual magnitude pruning" in next(line for line in lines if line.startswith("gmp "))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--recipe", "ast", "--model", "a", "model=b"], "--model a and the override model=b disagree: give one of them"),
+    (["--recipe", "ast", "--seed", "1", "seed=2"], "--seed 1 and the override seed=2 disagree"),
+    (["--output", "o"], "--recipe is required"),
+    (["--recipe", "ast"], "--output is required"),
+])
+def test_train_options_and_overrides_must_agree(args, message, capsys):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--recipe", "ast", "--model", "a", "model=a", "--print-config"]) == 0  # agreeing is fine
+    assert "model: a\n" in capsys.readouterr().out
 
 
 def test_teacher_with_other_vocabulary_is_refused(model_dirs, corpus, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""One module per `slimlm` sub-command: HELP, add_arguments(parser), run(args)."""
+"""One module per `slimlm` sub-command: add_arguments(parser), run(args); its help is in cli.COMMANDS."""
 
 
 def add_calibrated_job_arguments(p, solver: str) -> None:
@@ -31,3 +31,42 @@ def settings_from(args, defaults: dict) -> dict:
 def print_perplexities(report: dict) -> None:
     for name, ev in report["evaluation"].items():
         print(f"perplexity ({name}): {ev['perplexity']:.3f}")
+
+
+def add_recipe_arguments(p, recipe_help: str) -> None:
+    """The options `train` and `finetune` share: the recipe and its overrides, seed, resume, output."""
+    p.add_argument("--recipe", help=recipe_help)
+    p.add_argument("overrides", nargs="*", help="recipe overrides like train.steps=200 train.lr=5e-5 "
+                   "(--print-config lists every key)")
+    p.add_argument("--seed", type=int, help="overrides the recipe's seed")
+    p.add_argument("--resume", help="continue from OUTPUT.checkpoints/checkpoint-N")
+    p.add_argument("--output", help="the output folder (required unless --print-config)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe (every key, after the "
+                   "overrides) as YAML and exit without loading anything; it works as a --recipe file")
+
+
+def resolve_recipe(args, options: list[tuple[str, str, object]]) -> dict | None:
+    """The recipe of a training command: `options` are (option, recipe key, value or None) set before the
+    user's overrides; an option and an override that give one key different values are an error.
+    With --print-config, prints the recipe and returns None."""
+    import yaml
+
+    from .. import recipe as recipes
+    from ..errors import SlimlmError
+
+    if not args.recipe:
+        raise SlimlmError(f"--recipe is required: a YAML file or one of {', '.join(recipes.builtin_names())}")
+    given = {key: (option, str(value)) for option, key, value in options if value is not None}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key in given and value != given[key][1]:
+            raise SlimlmError(f"{given[key][0]} {given[key][1]} and the override {item} disagree: give one of them")
+    overrides = [f"{key}={value}" for key, (_, value) in given.items()] + list(args.overrides)
+    recipe = recipes.resolve(args.recipe, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(recipe, sort_keys=False), end="")
+        return None
+    if not args.output:
+        raise SlimlmError("--output is required: the folder to write the trained model to")
+    return recipe

@@ -6,10 +6,6 @@ from ..output import write_atomically
 from . import settings_from
 from ..errors import SlimlmError
 
-HELP = ("Latency and throughput of a compressed model (2:4, low-rank, quantized) against its dense reference: "
-        "each target layer shape and the whole model (prefill, decode), over batch sizes and sequence lengths, "
-        "with peak GPU memory and the weights held in memory; prints a table, writes JSON and a PNG of the speed-ups.")
-
 
 def _ints(text: str | None, option: str) -> list[int] | None:
     if text is None:

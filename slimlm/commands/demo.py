@@ -1,8 +1,6 @@
 """The main job end to end, offline: dense -> Wanda 2:4 -> evaluate -> output folder."""
 from .. import oneshot
 
-HELP = "Offline demo: evaluate smollm2-135m, prune it 2:4 with Wanda, evaluate again, save it."
-
 
 def add_arguments(p):
     p.add_argument("--model", default="smollm2-135m")

@@ -5,9 +5,6 @@ from .. import data, devices, models, output
 from ..errors import SlimlmError
 from ..evaluate import accuracy, perplexity
 
-HELP = ("Measure token perplexity (SparseGPT/Wanda protocol) of a causal LM on a text, the accuracy of a "
-        "classifier on JSONL {text, label}, or lm-evaluation-harness task scores (--tasks).")
-
 
 def add_arguments(p):
     p.add_argument("--model", required=True)

@@ -5,9 +5,6 @@ from ..errors import SlimlmError
 from ..inspect import format_table, layer_stats, totals
 from ..spectra import energy_curves, plot_spectra
 
-HELP = ("Per target layer: shape, stored weights, sparsity, 2:4 / 4:8 validity, rank and effective rank "
-        "(90%% energy); with --spectra, a PNG of singular-value spectra per layer type for one or more models.")
-
 
 def add_arguments(p):
     p.add_argument("model", nargs="+", help="output folder, HF folder, built-in name or .gguf file (several "

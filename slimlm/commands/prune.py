@@ -2,8 +2,6 @@ from .. import oneshot
 from . import add_calibrated_job_arguments, print_perplexities, settings_from
 from ..prune import METHODS
 
-HELP = "Prune a model one-shot (magnitude, Wanda, SparseGPT) to N:M or unstructured sparsity."
-
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="built-in name (smollm2-135m, minilm-l6), HF folder, .gguf file or hub id")

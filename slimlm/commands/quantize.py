@@ -1,9 +1,6 @@
 from .. import quantize
 from . import add_calibrated_job_arguments, print_perplexities, settings_from
 
-HELP = ("Quantize the weights of a (2:4 sparse, low-rank or dense) model to int8/int4, RTN or GPTQ, keeping "
-        "its zeros exact; writes packed codes that slimlm.load rebuilds.")
-
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="output folder, HF folder, built-in name or .gguf file")

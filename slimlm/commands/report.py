@@ -1,8 +1,5 @@
 from ..report import write
 
-HELP = ("Compare output folders side by side on one Markdown page (method, budget, parameters, size on disk, "
-        "perplexity / accuracy / lm-eval scores, tokens and time spent) with PNG plots beside it.")
-
 
 def add_arguments(p):
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of slimlm prune/train/finetune/quantize")

@@ -1,22 +1,24 @@
 from .. import recipe as recipes
 from ..train import job
-
-HELP = ("Retrain a model compressed from a YAML recipe with key=value overrides: 2:4 sparse (ast, ast-slorb, "
-        "naive, gmp), movement-pruned (movement) or low-rank (lpaf).")
+from . import add_recipe_arguments, resolve_recipe
 
 
 def add_arguments(p):
-    p.add_argument("--recipe", required=True, help=f"YAML file or built-in: {', '.join(recipes.builtin_names())}")
-    p.add_argument("overrides", nargs="*", help="recipe overrides like train.steps=200 method.sparsity=4:8")
-    p.add_argument("--seed", type=int, help="overrides the recipe's seed")
-    p.add_argument("--resume", help="continue from OUTPUT.checkpoints/checkpoint-N")
-    p.add_argument("--output", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    add_recipe_arguments(p, f"YAML file or built-in: {', '.join(recipes.builtin_names())} "
+                         "(--list-recipes describes them)")
+    p.add_argument("--model", help="the model to compress, the same as the override model=...: built-in name, "
+                   "folder, .gguf file or hub id (default: the recipe's)")
+    p.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
 
 
 def run(args):
-    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
-    recipe = recipes.resolve(args.recipe, overrides)
+    if args.list_recipes:
+        for name in recipes.builtin_names():
+            print(f"{name:<10} {recipes.summary(name)}")
+        return
+    recipe = resolve_recipe(args, [("--model", "model", args.model), ("--seed", "seed", args.seed)])
+    if recipe is None:
+        return
     report = job.run(recipe, args.output, args.overwrite, args.resume)
     if report is None:  # torchrun: rank 0 reports
         return

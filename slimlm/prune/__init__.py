@@ -60,5 +60,6 @@ def _keep_norms(input_norms: dict | None, name: str, stats: InputStats) -> None:
 def calibration_input_norms(model: nn.Module, targets: dict[str, nn.Module], windows: torch.Tensor) -> dict:
     """||x_j|| of every target layer's inputs over the calibration windows, the model unchanged."""
     norms: dict = {}
-    prune_blockwise(model, targets, windows, lambda name, module, stats: _keep_norms(norms, name, stats), hessian=False)
+    prune_blockwise(model, targets, windows, lambda name, module, stats: _keep_norms(norms, name, stats), hessian=False,
+                    desc="calibrating blocks")
     return norms

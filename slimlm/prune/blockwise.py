@@ -77,9 +77,11 @@ def _run_block(block, hidden, args, kwargs):
 
 @torch.no_grad()
 def prune_blockwise(model: nn.Module, targets: dict[str, nn.Module], windows: torch.Tensor,
-                    prune_layer: Callable[[str, nn.Module, InputStats], None], hessian: bool) -> None:
+                    prune_layer: Callable[[str, nn.Module, InputStats], None], hessian: bool,
+                    desc: str = "pruning blocks") -> None:
     """Calibrate and prune every target layer, block by block. `prune_layer(name, module, stats)`
-    edits the module's weight in place."""
+    edits the module's weight in place (or quantizes it, or only reads the statistics); `desc` labels
+    the progress bar with what it does."""
     prefix, blocks = find_blocks(model)
     outside = [n for n in targets if not n.startswith(prefix + ".")]
     if outside:
@@ -87,7 +89,7 @@ def prune_blockwise(model: nn.Module, targets: dict[str, nn.Module], windows: to
                           "methods prune block by block: use --method magnitude for it, or --ignore it")
     inputs = capture_block_inputs(model, blocks[0], windows)
     hidden = [h for h, _, _ in inputs]
-    bar = tqdm(list(enumerate(blocks)), desc="pruning blocks", unit="block")
+    bar = tqdm(list(enumerate(blocks)), desc=desc, unit="block")
     for index, block in bar:
         layer_prefix = f"{prefix}.{index}."
         layers = {n: m for n, m in targets.items() if n.startswith(layer_prefix)}

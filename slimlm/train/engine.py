@@ -144,6 +144,7 @@ class Trainer:
         stop = min(total, until) if until else total
         self.model.train()
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not distributed.is_main())
+        run_tokens, run_seconds = 0, 0.0  # the bar's tokens/s: the mean over this run's steps, not the last one
         while self.step < stop:
             start = time.perf_counter()
             lr = budget.lr_at(cfg, self.step)
@@ -174,6 +175,7 @@ class Trainer:
             self.tokens_seen += step_tokens
             method_record = self.hooks.after_step(self.step)  # a mask refresh is part of the step's cost
             seconds = time.perf_counter() - start
+            run_tokens, run_seconds = run_tokens + step_tokens, run_seconds + seconds
             record = {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens": self.tokens_seen, "tokens_per_s": step_tokens / seconds,
                       "step_seconds": seconds, **method_record}
@@ -181,8 +183,10 @@ class Trainer:
             saving = self.step % cfg["save_every"] == 0 and self.step < total
             if evaluating and (distributed.is_main() or self.fsdp):  # a sharded forward needs every rank
                 record[self.valid.metric] = self.evaluate()
+                if distributed.is_main():
+                    bar.write(f"step {self.step}: {self.valid.metric} {record[self.valid.metric]:.4f}")
             self.log(record)
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{run_tokens / run_seconds:.0f}")
             bar.update(1)
             if saving:
                 self.save_checkpoint()

@@ -59,6 +59,10 @@ def load_model_and_data(recipe: dict, device: str = "cpu"):
         torch.manual_seed(recipe["seed"])  # the fresh head's initialisation follows the recipe's seed
         loaded = models.load(recipe["model"], device=device, labels=names)
     train = data.load_labeled(loaded.tokenizer, d["train"], d["max_length"], names)
+    classes = sorted(set(train.labels.tolist()))
+    if len(classes) < 2:  # the loss and accuracy would be trivially perfect
+        raise SlimlmError(f"training data '{d['train']}' has one class only ({train.names[classes[0]]!r}): a "
+                          "classifier learns from examples of at least 2 classes")
     valid = data.load_labeled(loaded.tokenizer, d["valid"], d["max_length"], names) if d["valid"] else None
     return loaded, train, valid
 
