@@ -18,7 +18,7 @@ import torch
 
 from slimlm import data, masked, models, recipe
 from slimlm.train.engine import Trainer, causal_lm_loss
-from slimlm.train.sparse import SparseTraining
+from slimlm.methods.ast import SparseTraining
 
 
 class Snapshot(SparseTraining):

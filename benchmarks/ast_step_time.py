@@ -23,7 +23,7 @@ from slimlm import data, models, recipe
 from slimlm.train import budget
 from slimlm.train.distill import distill_loss, make_teacher
 from slimlm.train.engine import Hooks, Trainer
-from slimlm.train.sparse import SparseTraining
+from slimlm.methods.ast import SparseTraining
 
 
 class DenseKD(Hooks):

@@ -15,8 +15,8 @@ from slimlm.errors import SlimlmError
 from slimlm.factorized import LowRankLinear, MixedRankLinear
 from slimlm.lowrank import rank_for_budget
 from slimlm.train.job import run as train_run
-from slimlm.train.mixed_rank import MixedRankTraining
-from slimlm.train.movement import MovementPruning, scores_of
+from slimlm.methods.lpaf import MixedRankTraining
+from slimlm.methods.movement import MovementPruning, scores_of
 from conftest import assert_transformers_refuses
 
 
@@ -222,7 +222,7 @@ def test_lpaf_errors_name_the_problem(classifier, brown, model_dirs, tmp_path):
         train_run(small("lpaf", classifier, brown, "method.lpaf.prune=none"), str(tmp_path / "a"))
     with pytest.raises(SlimlmError, match="method.keep"):
         small("lpaf", classifier, brown, "method.keep=1.5")
-    with pytest.raises(SlimlmError, match="trains causal LMs"):
+    with pytest.raises(SlimlmError, match="which the ast method does not train: use one of finetune, lpaf, movement"):
         train_run(small("ast", classifier, brown), str(tmp_path / "b"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a passage", "label": "no-such-genre"}\n' * 4)

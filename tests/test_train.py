@@ -12,7 +12,7 @@ from slimlm.errors import SlimlmError
 from slimlm.models import find_targets, weight_matrix
 from slimlm.sparsity import is_valid_nm
 from slimlm.train.engine import Trainer
-from slimlm.train.sparse import SparseTraining
+from slimlm.methods.ast import SparseTraining
 from conftest import assert_transformers_refuses
 
 

@@ -15,7 +15,7 @@ def run(args):
                                    ("--valid", "data.valid", args.valid), ("--seed", "seed", args.seed)])
     if recipe is None:
         return
-    report = job.run(recipe, args.output, args.overwrite, args.resume)
+    report = job.run(recipe, args.output, args.overwrite, args.resume, command="finetune")
     if report is None:  # torchrun: rank 0 reports
         return
     final = f", final {report['validation_metric']} {report['final_val']:.4f}" if report["final_val"] is not None else ""

@@ -1,4 +1,5 @@
-"""N:M sparse training as engine hooks: AST and its baselines (naive fixed mask, gradual magnitude).
+"""N:M sparse training: AST and its baselines (naive fixed mask, gradual magnitude), one method object
+serving the recipe names `ast`, `naive` and `gmp` (their recipes differ only in settings).
 
 - masks: dense master weights, masked forward (masked.py). The first mask is the magnitude mask or a
   one-shot method's (wanda, sparsegpt); a one-shot start leaves the dense weights in place
@@ -19,20 +20,25 @@ import torch
 
 from .. import masked, models, sharded, slorb
 from ..data import calibration_windows, load_tokens
-from ..prune import calibration_input_norms, prune
 from ..errors import SlimlmError
+from ..inspect import layer_stats, totals
+from ..prune import calibration_input_norms, prune
 from ..sparsity import parse_sparsity
-from . import budget
-from .distill import distill_loss, make_teacher
-from .engine import Hooks
-from .schedules import cubic, linear_ramp
+from ..train import budget
+from ..train.distill import make_teacher
+from ..train.schedules import cubic, linear_ramp
+from .base import Method, register
 
 ONE_SHOT = ("wanda", "sparsegpt")
 
 
-class SparseTraining(Hooks):
+@register
+class SparseTraining(Method):
+    names = ("ast", "naive", "gmp")
+    kinds = ("causal-lm",)
+
     def __init__(self, recipe: dict, tokenizer):
-        self.recipe, self.cfg = recipe, recipe["method"]
+        super().__init__(recipe, tokenizer)
         self.sparsity = parse_sparsity(self.cfg["sparsity"])
         if not self.sparsity.is_nm:
             raise SlimlmError(f"method.sparsity must be N:M for sparse training, got '{self.cfg['sparsity']}'")
@@ -41,7 +47,6 @@ class SparseTraining(Hooks):
             raise SlimlmError(f"method.decay.lambda_max=auto needs method.decay.mode=decoupled (in Adam's moments the "
                               f"decay's effect depends on the gradients' scale): set a number for mode {decay['mode']}")
         budget.check_sparse_schedule(recipe)
-        self.tokenizer = tokenizer
         self.total_steps = recipe["train"]["steps"]
         self.lambda_max = budget.lambda_max(recipe) if decay["mode"] != "none" else 0.0
         self.decay_rates = budget.decay_rates(recipe["train"], decay)  # lr_t * ramp_t, for the logged integral
@@ -49,8 +54,6 @@ class SparseTraining(Hooks):
         if self.score == "auto":
             self.score = "activation" if self.cfg["init"] in ONE_SHOT else "magnitude"
         self.lam = 0.0
-        self.teacher = None
-        self.targets: dict = {}
         self.slorbs: dict = {}
         self.input_scale: dict = {}  # ||x_j|| per target layer, for the activation-aware score
         self.pruned_rms0 = None
@@ -112,9 +115,6 @@ class SparseTraining(Hooks):
     def before_forward(self, step: int) -> None:
         ramp = budget.ramp_steps(self.cfg["decay"], self.total_steps)
         self.lam = linear_ramp(step, ramp, self.lambda_max)
-
-    def loss(self, model, batch):
-        return distill_loss(model, self.teacher, batch, self.cfg["distill"])
 
     def after_step(self, step: int) -> dict:
         cfg = self.cfg
@@ -178,6 +178,33 @@ class SparseTraining(Hooks):
                 "slorb_parameters": sum(p.numel() for s in self.slorbs.values() for p in s.parameters()),
                 "lambda_max": self.lambda_max, "mask_interval": budget.mask_interval(self.cfg, self.total_steps),
                 "mask_score": self.score}
+
+    # -- report and card ---------------------------------------------------------------------------
+    def report_fields(self, model, extras: dict) -> dict:
+        return {"sparsity": self.cfg["sparsity"], "totals": totals(model, self.targets),
+                "layers": layer_stats(self.targets, ranks=False)}
+
+    def card_lines(self, report: dict) -> tuple[str, list[str]]:
+        m = self.cfg
+        if m["mask_update"] == "fixed":
+            parts = [f"masks: fixed ({m['init']})"]
+        else:
+            parts = [f"masks: {m['mask_update']} (first mask: {m['init']}; refreshed every {report['mask_interval']} "
+                     f"steps by {report['mask_score']} score, none in the last interval)"]
+        if m["decay"]["mode"] != "none":
+            parts.append(f"SR-STE decay λ_max={report['lambda_max']:.4g} ({m['decay']['mode']}"
+                         + (f", solved for a {m['decay']['target_shrink']:.0%} shrink of pruned weights"
+                            if m["decay"]["lambda_max"] == "auto" else "") + ")")
+        return f"retrained to **{report['sparsity']}** sparsity", parts
+
+    def card_notes(self, report: dict) -> list[str]:
+        if not report.get("slorb_layers"):
+            return []
+        return [f"SLoRB side paths in {report['slorb_layers']} layers ({report['slorb_parameters']:,} parameters, "
+                f"group size {self.cfg['slorb']['group_size']}) are stored in `slorb.safetensors`."]
+
+    def slimlm_only(self, report: dict) -> bool:
+        return bool(report.get("slorb_layers"))  # the side paths live beside the checkpoint
 
 
 def _masked_magnitude_mask(module, keep: int, m: int):

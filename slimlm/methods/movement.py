@@ -1,5 +1,5 @@
-"""Movement pruning (first-order, Sanh et al. 2020) as engine hooks: LPAF's first stage, or a method
-of its own (recipe `movement`).
+"""Movement pruning (first-order, Sanh et al. 2020): LPAF's first stage, or a method of its own
+(recipe `movement`).
 
 Every target weight W gets a mask (forward W * M) and a score S that accumulates -W * dL/dW' over the
 steps, where W' = W * M is what the forward used (the straight-through gradient reaches every entry,
@@ -15,22 +15,23 @@ import torch
 
 from .. import masked, models, sharded
 from ..sparsity import layer_mask
-from .distill import distill_loss, make_teacher
-from .engine import Hooks
-from .schedules import cubic
+from ..train.distill import make_teacher
+from ..train.schedules import cubic
+from .base import Method, register
 
 
 def scores_of(module) -> torch.Tensor:
     return module.parametrizations.weight[0].scores
 
 
-class MovementPruning(Hooks):
-    def __init__(self, recipe: dict, total_steps: int | None = None):
-        self.recipe, self.cfg = recipe, recipe["method"]
+@register
+class MovementPruning(Method):
+    names = ("movement",)
+
+    def __init__(self, recipe: dict, tokenizer=None, total_steps: int | None = None):
+        super().__init__(recipe, tokenizer)
         self.mv = self.cfg["movement"]
         self.total_steps = total_steps or recipe["train"]["steps"]
-        self.teacher = None
-        self.targets: dict = {}
 
     def setup(self, trainer) -> None:
         model = trainer.model
@@ -45,9 +46,6 @@ class MovementPruning(Hooks):
     def keep_fraction(self, step: int) -> float:
         T = self.total_steps
         return cubic(step, T, 1.0, self.cfg["keep"], int(self.mv["start_fraction"] * T), int(self.mv["hold_fraction"] * T))
-
-    def loss(self, model, batch):
-        return distill_loss(model, self.teacher, batch, self.cfg["distill"])
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
@@ -85,3 +83,7 @@ class MovementPruning(Hooks):
         for module in self.targets.values():
             masked.bake_mask(module)
         return {"keep": self.cfg["keep"]}
+
+    def card_lines(self, report: dict) -> tuple[str, list[str]]:
+        return ("pruned by movement (unstructured)",
+                [f"first-order scores, cubic schedule to {self.cfg['keep']:.0%} of target weights kept"])
