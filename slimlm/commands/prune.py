@@ -5,11 +5,11 @@ from ..prune import METHODS
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="built-in name (smollm2-135m, minilm-l6), HF folder, .gguf file or hub id")
-    p.add_argument("--method", default="wanda", choices=METHODS)
-    p.add_argument("--sparsity", default="2:4", help="N:M (2:4, 4:8) or a fraction of pruned weights (0.5)")
+    p.add_argument("--method", default=oneshot.DEFAULTS["method"], choices=METHODS)
+    p.add_argument("--sparsity", default=oneshot.DEFAULTS["sparsity"], help="N:M (2:4, 4:8) or a fraction of pruned weights (0.5)")
     p.add_argument("--skip-indivisible", action="store_true", help="leave layers whose input width is not divisible by M dense (they are reported)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    add_calibrated_job_arguments(p, "SparseGPT")
+    p.add_argument("--dtype", default=oneshot.DEFAULTS["dtype"], choices=["float32", "bfloat16", "float16"])
+    add_calibrated_job_arguments(p, "SparseGPT", oneshot.DEFAULTS)
 
 
 def run(args):

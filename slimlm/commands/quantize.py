@@ -4,13 +4,14 @@ from . import add_calibrated_job_arguments, print_perplexities, settings_from
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="output folder, HF folder, built-in name or .gguf file")
-    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1: one scale per output channel")
-    p.add_argument("--method", default="rtn", choices=quantize.METHODS)
-    p.add_argument("--format", default="slimlm", choices=quantize.FORMATS,
+    d = quantize.DEFAULTS
+    p.add_argument("--bits", type=int, default=d["bits"], choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=d["group_size"], help="input columns per scale; -1: one scale per output channel")
+    p.add_argument("--method", default=d["method"], choices=quantize.METHODS)
+    p.add_argument("--format", default=d["format"], choices=quantize.FORMATS,
                    help="slimlm: packed 2:4 codes (quant.safetensors, slimlm.load); compressed-tensors: the vLLM "
                    "pack-quantized layout (zeros stored densely; docs/formats.md)")
-    add_calibrated_job_arguments(p, "GPTQ")
+    add_calibrated_job_arguments(p, "GPTQ", quantize.DEFAULTS)
 
 
 def run(args):

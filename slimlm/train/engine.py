@@ -1,33 +1,32 @@
 """One training engine for every method: token windows or labeled texts, AdamW, warmup + cosine,
-accumulation, clipping, bf16 autocast, gradient checkpointing, evaluation, checkpoints, resume, logging.
+accumulation, clipping, bf16 autocast, gradient checkpointing, evaluation, logging; checkpoints and
+resume through train/checkpoint.py.
 
-The engine knows nothing about masks or teachers. Methods plug in through `Hooks`.
+The engine knows nothing about masks. Methods plug in through `Hooks`; the one attribute it reads is
+`Hooks.teacher` (a frozen model that FSDP may shard with the student).
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
-from .. import recipe as recipes
 from .. import sharded
 from ..errors import SlimlmError
-from . import distributed
+from . import budget, checkpoint, distributed
 from .datasets import as_dataset, to_device, tokens_in
-from . import budget
 from .optim import AdamW, parameter_groups
 
 
 class Hooks:
     """The points where a method changes training. Every hook is optional."""
+
+    teacher = None  # a frozen teacher model the loss uses, if any (FSDP shards it with parallel.shard_teacher)
 
     def setup(self, trainer: "Trainer") -> None:
         """Change the model (masks, extra parameters) before the optimizer is built."""
@@ -230,116 +229,12 @@ class Trainer:
             raise SlimlmError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    # -- checkpoints -------------------------------------------------------------------------------
+    # -- checkpoints (train/checkpoint.py) ---------------------------------------------------------
     def last_checkpoint(self) -> str | None:
-        found = sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        return str(found[-1]) if found else None
+        return checkpoint.last(self.run_dir)
 
     def save_checkpoint(self) -> Path:
-        """One process or DDP: rank 0 writes the full state (every rank holds the same) in safetensors.
-        FSDP: every rank writes its own shards with torch.distributed.checkpoint (DCP). Either kind
-        resumes on any number of processes (DCP reshards on load)."""
-        final = self.run_dir / f"checkpoint-{self.step}"
-        tmp = self.run_dir / f".checkpoint-{self.step}.tmp"
-        if distributed.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        if self.fsdp:
-            distributed.barrier()  # the folder exists before any rank writes into it
-            self._save_shards(tmp)
-            distributed.barrier()  # every rank has written before rank 0 renames
-        if not distributed.is_main():
-            return final
-        if not self.fsdp:
-            self._save_full(tmp)
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "recipe": self.recipe,
-                 "format": "dcp" if self.fsdp else "safetensors"}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        kept = sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in kept[: -self.cfg["keep_checkpoints"]]:
-            shutil.rmtree(old)
-        return final
-
-    def _save_full(self, folder: Path) -> None:
-        save_model(self.model, str(folder / "model.safetensors"))
-        tensors = {"rng.torch": torch.get_rng_state()}
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                tensors[f"optim.{i}.{key}"] = value.contiguous()
-        save_file(tensors, str(folder / "trainer.safetensors"))
-
-    def _save_shards(self, folder: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}, checkpoint_id=str(folder))
+        return checkpoint.save(self)
 
     def load_checkpoint(self, folder: str) -> None:
-        path = Path(folder)
-        state_file = path / "trainer_state.json"
-        if not state_file.is_file():
-            raise SlimlmError(f"{folder} is not a slimlm checkpoint (no trainer_state.json)")
-        state = json.loads(state_file.read_text())
-        diff = recipes.differences(state["recipe"], self.recipe)
-        if diff:
-            raise SlimlmError(f"checkpoint {folder} was made with a different recipe ({', '.join(diff)} differ): "
-                              "resume with the recipe and overrides of the original run")
-        if state.get("format") == "dcp":
-            self._load_shards(path)
-        else:
-            self._load_full(path)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        rank = distributed.world()[0]
-        if rank:  # the saved RNG state is rank 0's: the other ranks draw their own dropout again
-            torch.manual_seed(self.recipe["seed"] + 1_000_003 * rank + self.step)
-
-    def _load_full_into_shards(self, file: Path) -> tuple[list[str], list[str]]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        # safetensors stores tied weights (embeddings / LM head) once, under either name
-        owner = distributed.shared_parameters(self.model)
-        names = set(self.model.state_dict())
-        full = {owner.get(k, k): v for k, v in load_file(str(file)).items()}
-        missing = sorted({owner.get(n, n) for n in names} - set(full))
-        unexpected = sorted(set(full) - names)
-        if not (missing or unexpected):
-            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
-        return missing, unexpected
-
-    def _load_shards(self, path: Path) -> None:
-        """A DCP checkpoint into this run's model and optimizer, sharded or not, on any process count."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
-        try:
-            with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we mean
-                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                dcp.load(state, checkpoint_id=str(path))
-        except Exception as err:  # DCP wraps every rank's failure; its last line names the cause
-            raise SlimlmError(f"checkpoint {path} does not match the model: {str(err).strip().splitlines()[-1]}") from None
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        torch.set_rng_state(state["rng"])
-
-    def _load_full(self, path: Path) -> None:
-        """A full-state (one process / DDP) checkpoint; under FSDP every rank keeps its own rows of it."""
-        if self.fsdp:
-            missing, unexpected = self._load_full_into_shards(path / "model.safetensors")
-        else:
-            missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise SlimlmError(f"checkpoint {path} does not match the model: "
-                              f"{(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
-        tensors = load_file(str(path / "trainer.safetensors"))
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]  # the order of model.parameters()
-        for i, p in enumerate(params):
-            entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-            if entries:
-                self.optimizer.state[p] = {k: sharded.shard_like(v.to(p.device), p).clone() if k != "step" else v
-                                           for k, v in entries.items()}
-        torch.set_rng_state(tensors["rng.torch"])
+        checkpoint.load(self, folder)
