@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from slimlm import data, masked, models, recipe
+from slimlm import data, models, recipe
+from slimlm.ops import masked
 from slimlm.train.engine import Trainer, causal_lm_loss
 from slimlm.methods.ast import SparseTraining
 

@@ -34,7 +34,7 @@ import transformers
 
 import slimlm
 from slimlm import data, recipe
-from slimlm.evaluate import perplexity
+from slimlm.eval.perplexity import perplexity
 from slimlm.train import budget
 from slimlm.train.job import checkpoint_dir
 from slimlm.train.job import run as train_run

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from slimlm import data, models, recipe
-from slimlm.evaluate import accuracy, perplexity
-from slimlm.inspect import layer_stats
-from slimlm.spectra import energy_curves, plot_spectra
-from slimlm.sparsity import layer_mask
+from slimlm.eval.perplexity import accuracy, perplexity
+from slimlm.eval.layers import layer_stats
+from slimlm.eval.spectra import energy_curves, plot_spectra
+from slimlm.ops.sparsity import layer_mask
 from slimlm.train import job
 from slimlm.train.distill import make_teacher
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from slimlm import models
-from slimlm.sparsity import layer_mask
+from slimlm.ops.sparsity import layer_mask
 
 
 def main():

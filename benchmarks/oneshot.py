@@ -16,10 +16,10 @@ import time
 import torch
 
 from slimlm import data, models
-from slimlm.evaluate import perplexity
-from slimlm.inspect import totals
+from slimlm.eval.perplexity import perplexity
+from slimlm.eval.layers import totals
 from slimlm.prune import prune
-from slimlm.sparsity import parse_sparsity
+from slimlm.ops.sparsity import parse_sparsity
 
 
 def main():

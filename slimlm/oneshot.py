@@ -11,10 +11,10 @@ import torch
 
 from . import data, devices, models, output
 from .errors import SlimlmError
-from .evaluate import perplexity
-from .inspect import layer_stats, totals
+from .eval.perplexity import perplexity
+from .eval.layers import layer_stats, totals
 from .prune import METHODS, prune
-from .sparsity import parse_sparsity
+from .ops.sparsity import parse_sparsity
 
 DEFAULTS = {
     "model": None, "method": "wanda", "sparsity": "2:4", "calib": None, "nsamples": 128, "seqlen": None,

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import slorb
+from .ops import slorb
 from .errors import SlimlmError
 from .models import SLIMLM_MODEL_TYPE, SLIMLM_ONLY, LoadedModel, load, weight_matrix
-from .sparsity import Sparsity, is_valid_nm
+from .ops.sparsity import Sparsity, is_valid_nm
 
 
 def check_output_dir(output: str, overwrite: bool) -> Path:
@@ -218,7 +218,7 @@ def task_section(tasks: dict) -> str:
     lines = [TASKS_BEGIN, "## lm-evaluation-harness", "",
              "| task | metric | value | stderr | examples | shots | evaluated |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    from .tasks import scores
+    from .eval.tasks import scores
 
     for task, r in sorted(tasks.items()):
         for metric, value, err in scores(r):

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import slimlm
-from slimlm import bench, kernels, quant
+from slimlm.runtime import bench, kernels
+from slimlm.ops import quant
 from slimlm.cli import main
 from slimlm.errors import SlimlmError
-from slimlm.factorized import LowRankLinear, replace_module
+from slimlm.ops.factorized import LowRankLinear, replace_module
 from slimlm.models import find_targets, weight_matrix
 
 SMALL = {"batch_sizes": [1, 2], "seqlens": [8], "layer_batches": [1, 8], "decode_tokens": 2, "repeats": 2,

@@ -6,7 +6,7 @@ import torch
 
 from slimlm import recipe
 from slimlm.errors import SlimlmError
-from slimlm.sparsity import nm_mask
+from slimlm.ops.sparsity import nm_mask
 from slimlm.train import budget
 from slimlm.train.optim import AdamW
 from slimlm.train.schedules import linear_ramp

@@ -8,7 +8,7 @@ import transformers
 from conftest import build_model
 from slimlm.cli import main
 from slimlm.models import find_targets, weight_matrix
-from slimlm.sparsity import is_valid_nm
+from slimlm.ops.sparsity import is_valid_nm
 
 
 def prune_args(model, text, out, *extra):

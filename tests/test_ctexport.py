@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import slimlm
-from slimlm import ctexport
+from slimlm.formats import compressed_tensors as ctexport
 from slimlm.cli import main
 from slimlm.models import find_targets, weight_matrix
-from slimlm.sparsity import is_valid_nm
+from slimlm.ops.sparsity import is_valid_nm
 
 compressed_tensors = pytest.importorskip("compressed_tensors", reason="pip install --no-deps compressed-tensors (make install)")
 

@@ -124,7 +124,7 @@ SHARDED_MASKS = textwrap.dedent("""
     from torch.distributed.fsdp import fully_shard
     from transformers.pytorch_utils import Conv1D
     from slimlm import masked, sharded
-    from slimlm.sparsity import is_valid_nm
+    from slimlm.ops.sparsity import is_valid_nm
     from slimlm.train.distributed import _row_placements
 
     dist.init_process_group("gloo")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import build_model
 from slimlm.data import TokenStream, calibration_windows, eval_windows, tokenize
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import perplexity
+from slimlm.eval.perplexity import perplexity
 
 
 def test_perplexity_matches_an_independent_computation():

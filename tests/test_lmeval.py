@@ -12,11 +12,11 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from conftest import DATA, build_model  # noqa: E402
-from slimlm.cli import main  # noqa: E402
-from slimlm.errors import SlimlmError  # noqa: E402
-from slimlm.lmeval import SlimlmLM, encode_pair, rolling_pairs, score_pairs  # noqa: E402
-from slimlm.models import LoadedModel  # noqa: E402
-from slimlm.tasks import run_tasks  # noqa: E402
+from slimlm.cli import main
+from slimlm.errors import SlimlmError
+from slimlm.eval.lmeval import SlimlmLM, encode_pair, rolling_pairs, score_pairs
+from slimlm.models import LoadedModel
+from slimlm.eval.tasks import run_tasks
 
 TEXT = (DATA / "sotu" / "test.txt").read_text()[:20_000]
 
@@ -200,7 +200,7 @@ def test_library_future_warnings_are_dropped_but_slimlm_ones_are_not(llama, toke
     def warning_env_info(results):  # as a deprecated transformers call inside lm-eval would warn
         warnings.warn_explicit("`x` is deprecated", FutureWarning, "modeling_utils.py", 1,
                                module="transformers.modeling_utils")
-        warnings.warn_explicit("ours", FutureWarning, "tasks.py", 1, module="slimlm.tasks")
+        warnings.warn_explicit("ours", FutureWarning, "tasks.py", 1, module="slimlm.eval.tasks")
         original(results)
 
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", warning_env_info)

@@ -5,11 +5,9 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.factorized import LowRankLinear, MixedRankLinear, linear_view, replace_module
-from slimlm.lowrank import (FACTORIZATIONS, factorize, fisher_svd, importance_weights, lowrank_parameters,
-                            rank_for_budget, sparsity_aware_svd, truncated_svd, weighted_error,
-                            weighted_low_rank)
-from slimlm.sparsity import row_mask
+from slimlm.ops.factorized import LowRankLinear, MixedRankLinear, linear_view, replace_module
+from slimlm.ops.lowrank import FACTORIZATIONS, factorize, fisher_svd, importance_weights, lowrank_parameters, rank_for_budget, sparsity_aware_svd, truncated_svd, weighted_error, weighted_low_rank
+from slimlm.ops.sparsity import row_mask
 
 
 def low_rank_matrix(out, inp, rank, seed=0):
@@ -324,7 +322,7 @@ def test_replace_module():
 
 
 def test_sparsity_aware_svd_with_pruned_weight_pulls_pruned_entries_toward_zero():
-    from slimlm.lowrank import sparsity_aware_svd
+    from slimlm.ops.lowrank import sparsity_aware_svd
 
     g = torch.Generator().manual_seed(3)
     W = torch.randn(48, 40, generator=g)

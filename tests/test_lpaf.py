@@ -9,11 +9,12 @@ import transformers
 from torch import nn
 
 import slimlm
-from slimlm import masked, recipe
+from slimlm.ops import masked
+from slimlm import recipe
 from slimlm.cli import main
 from slimlm.errors import SlimlmError
-from slimlm.factorized import LowRankLinear, MixedRankLinear
-from slimlm.lowrank import rank_for_budget
+from slimlm.ops.factorized import LowRankLinear, MixedRankLinear
+from slimlm.ops.lowrank import rank_for_budget
 from slimlm.train.job import run as train_run
 from slimlm.methods.lpaf import MixedRankTraining
 from slimlm.methods.movement import MovementPruning, scores_of

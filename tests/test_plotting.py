@@ -1,5 +1,5 @@
 """Tick values and labels shared by every PNG: round numbers, written plainly."""
-from slimlm.plotting import log_ticks, plain, style
+from slimlm.report.plotting import log_ticks, plain, style
 
 
 def test_log_ticks_are_round_numbers_over_any_range():

@@ -6,7 +6,7 @@ from slimlm.models import find_targets, weight_matrix
 from slimlm.prune import prune
 from slimlm.prune.scores import magnitude_mask, wanda_mask
 from slimlm.prune.sparsegpt import sparsegpt_prune
-from slimlm.sparsity import is_valid_nm, parse_sparsity, sparsity_of
+from slimlm.ops.sparsity import is_valid_nm, parse_sparsity, sparsity_of
 
 ARCHS = ["llama", "gpt2", "opt", "bert"]
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.quant import dequantize, gptq, pack_24, packed_bytes, quant_params, quantize, rtn, unpack_24
-from slimlm.sparsity import is_valid_nm, nm_mask
+from slimlm.ops.quant import dequantize, gptq, pack_24, packed_bytes, quant_params, quantize, rtn, unpack_24
+from slimlm.ops.sparsity import is_valid_nm, nm_mask
 
 
 def random_matrix(out, inp, seed=0):
@@ -224,7 +224,7 @@ def test_packing_rejects_codes_that_are_not_24():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_dense_codes_pack_and_unpack_exactly(bits):
-    from slimlm.quant import pack_dense, unpack_dense
+    from slimlm.ops.quant import pack_dense, unpack_dense
 
     W = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
     codes, _ = rtn(W, bits, group_size=None)

@@ -5,7 +5,7 @@ import slimlm
 from conftest import assert_transformers_refuses
 from slimlm.cli import main
 from slimlm.models import find_targets, weight_matrix
-from slimlm.sparsity import is_valid_nm
+from slimlm.ops.sparsity import is_valid_nm
 
 
 def test_quantize_a_24_model_keeps_zeros_packs_and_reloads(model_dirs, text_file, tmp_path, capsys):

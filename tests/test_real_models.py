@@ -6,7 +6,7 @@ import transformers
 
 from slimlm.cli import main
 from slimlm.models import BUILTIN_MODELS, find_targets, load, resolve, weight_matrix
-from slimlm.sparsity import is_valid_nm
+from slimlm.ops.sparsity import is_valid_nm
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from conftest import DATA
 from slimlm import output
 from slimlm.cli import main
 from slimlm.errors import SlimlmError
-from slimlm.report import describe, short_names
-from slimlm.report_plots import curve_panels, curves_figure, quality_figure, quality_panels, token_axis
+from slimlm.report.page import describe, short_names
+from slimlm.report.plots import curve_panels, curves_figure, quality_figure, quality_panels, token_axis
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -119,7 +119,7 @@ def test_bad_runs_are_named_and_nothing_is_written(runs, tmp_path, capsys):
         describe(tmp_path / "empty")
     with pytest.raises(SlimlmError, match="expected a .md"):
         output_page = tmp_path / "r.html"
-        from slimlm.report import write
+        from slimlm.report.page import write
         write([str(runs["wanda"])], str(output_page))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.sparsity import (is_valid_nm, layer_mask, nm_mask, parse_sparsity, row_mask,
-                             singular_value_stats, sparsity_of)
+from slimlm.ops.sparsity import is_valid_nm, layer_mask, nm_mask, parse_sparsity, row_mask, singular_value_stats, sparsity_of
 
 
 def test_parse_sparsity():

@@ -5,12 +5,13 @@ import pytest
 import torch
 import transformers
 
-from slimlm import masked, models, recipe
+from slimlm.ops import masked
+from slimlm import models, recipe
 from slimlm.cli import main
 from slimlm.data import load_tokens
 from slimlm.errors import SlimlmError
 from slimlm.models import find_targets, weight_matrix
-from slimlm.sparsity import is_valid_nm
+from slimlm.ops.sparsity import is_valid_nm
 from slimlm.train.engine import Trainer
 from slimlm.methods.ast import SparseTraining
 from conftest import assert_transformers_refuses
@@ -297,7 +298,7 @@ def test_bf16_autocast_and_gradient_checkpointing_run(model_dirs, corpus, tmp_pa
 
 
 def test_slorb_after_one_shot_init_starts_from_the_dense_weights_the_mask_removed(model_dirs, corpus, tmp_path):
-    from slimlm import slorb
+    from slimlm.ops import slorb
 
     rec = make_recipe("ast-slorb", model_dirs["llama"], corpus, "method.init=wanda", "method.nsamples=4")
     dense = {n: m.weight.detach().clone() for n, m in find_targets(models.load(rec["model"]).model).items()}

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimlm import masked, slorb
-from slimlm.sparsity import is_valid_nm, nm_mask
+from slimlm.ops import masked, slorb
+from slimlm.ops.sparsity import is_valid_nm, nm_mask
 from slimlm.train.distill import kd_loss
 from slimlm.train.optim import AdamW
 from slimlm.train.schedules import cubic, linear_ramp, warmup_cosine

@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from .. import bench
+from ..runtime import bench
 from ..output import write_atomically
 from . import settings_from
 from ..errors import SlimlmError

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from .. import data, devices, models, output
 from ..errors import SlimlmError
-from ..evaluate import accuracy, perplexity
+from ..eval.perplexity import accuracy, perplexity
 
 
 def add_arguments(p):
@@ -42,7 +42,7 @@ def run(args):
 
 
 def _tasks(loaded, args):
-    from ..tasks import format_table, run_tasks
+    from ..eval.tasks import format_table, run_tasks
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)

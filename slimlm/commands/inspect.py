@@ -2,8 +2,8 @@ import json
 
 from .. import models
 from ..errors import SlimlmError
-from ..inspect import format_table, layer_stats, totals
-from ..spectra import energy_curves, plot_spectra
+from ..eval.layers import format_table, layer_stats, totals
+from ..eval.spectra import energy_curves, plot_spectra
 
 
 def add_arguments(p):

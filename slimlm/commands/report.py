@@ -1,4 +1,4 @@
-from ..report import write
+from ..report.page import write
 
 
 def add_arguments(p):

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import masked, models, sharded, slorb
+from ..ops import masked, sharded, slorb
+from .. import models
 from ..data import calibration_windows, load_tokens
 from ..errors import SlimlmError
-from ..inspect import layer_stats, totals
+from ..eval.layers import layer_stats, totals
 from ..prune import calibration_input_norms, prune
-from ..sparsity import parse_sparsity
+from ..ops.sparsity import parse_sparsity
 from ..train import budget
 from ..train.distill import make_teacher
 from ..train.schedules import cubic, linear_ramp

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import masked, models
+from ..ops import masked
+from .. import models
 from ..errors import SlimlmError
-from ..factorized import LowRankLinear, MixedRankLinear, linear_view, replace_module
-from ..lowrank import factorize, rank_for_budget
+from ..ops.factorized import LowRankLinear, MixedRankLinear, linear_view, replace_module
+from ..ops.lowrank import factorize, rank_for_budget
 from ..train import budget
 from ..train.datasets import as_dataset, sample_batches
 from ..train.distill import distill_loss, make_teacher

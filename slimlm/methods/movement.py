@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import masked, models, sharded
-from ..sparsity import layer_mask
+from ..ops import masked, sharded
+from .. import models
+from ..ops.sparsity import layer_mask
 from ..train.distill import make_teacher
 from ..train.schedules import cubic
 from .base import Method, register

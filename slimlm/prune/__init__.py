@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SlimlmError
 from ..models import weight_matrix
-from ..sparsity import Sparsity
+from ..ops.sparsity import Sparsity
 from .blockwise import InputStats, prune_blockwise
 from .scores import magnitude_mask, wanda_mask
 from .sparsegpt import sparsegpt_prune

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sparsity import Sparsity, mask_from_scores
+from ..ops.sparsity import Sparsity, mask_from_scores
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:

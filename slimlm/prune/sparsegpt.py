@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sparsity import Sparsity
+from ..ops.sparsity import Sparsity
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .. import recipe as recipes
-from .. import sharded
+from ..ops import sharded
 from ..errors import SlimlmError
 from . import distributed
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..data import LabeledExamples, TokenStream, eval_windows
-from ..evaluate import accuracy, perplexity
+from ..eval.perplexity import accuracy, perplexity
 
 
 class Windows:

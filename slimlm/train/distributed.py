@@ -7,7 +7,7 @@ LOCAL_RANK, we join the process group (gloo on CPU, nccl on CUDA), then either
   (mixed-rank) are identical on every rank without any code of ours. Or
 - FSDP2 (`parallel.strategy: fsdp`, `fully_shard` per transformer block and at the root): every
   parameter, its gradient and its optimizer states are row shards (DTensors). The methods see them
-  through slimlm/sharded.py: N:M masks from each rank's own rows, all-gathered; the decay term and
+  through slimlm/ops/sharded.py: N:M masks from each rank's own rows, all-gathered; the decay term and
   movement scores on the rank's rows; a movement top-k over the gathered scores. Export and LPAF's
   factorization work on a plain copy of the model gathered into a skeleton taken before sharding.
 
@@ -122,7 +122,7 @@ def _row_placements(model: nn.Module):
     from transformers.pytorch_utils import Conv1D
     from torch.distributed.tensor import Shard
 
-    from ..masked import dense_weight
+    from ..ops.masked import dense_weight
 
     size = world()[1]
     by_columns = {id(dense_weight(m)) for m in model.modules()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import sharded
+from ..ops import sharded
 from ..errors import SlimlmError
 from . import budget, checkpoint, distributed
 from .datasets import as_dataset, to_device, tokens_in

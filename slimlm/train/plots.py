@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plotting import log_if_spread, pyplot, save
+from ..report.plotting import log_if_spread, pyplot, save
 
 # (panel title, [(key in metrics.jsonl, line label)]). A distilling run's `loss` is α·KL + (1-α)·CE,
 # drawn beside its two parts; without a teacher `loss` is the CE itself and is not drawn twice.

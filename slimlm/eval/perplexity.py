@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import TokenStream, eval_windows
+from ..data import TokenStream, eval_windows
 
 
 @torch.no_grad()

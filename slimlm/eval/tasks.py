@@ -12,9 +12,9 @@ import warnings
 from pathlib import Path
 from unittest import mock
 
-from .errors import SlimlmError
-from . import models
-from .models import LoadedModel
+from ..errors import SlimlmError
+from .. import models
+from ..models import LoadedModel
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: run `pip install 'slimlm[eval]'`"
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .errors import SlimlmError
+from ..errors import SlimlmError
 
 FACTORIZATIONS = ("svd", "fisher", "sparsity-aware")
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import weight_matrix
+from ..models import weight_matrix
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SlimlmError
+from ..errors import SlimlmError
 
 
 @dataclass(frozen=True)

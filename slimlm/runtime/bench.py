@@ -5,7 +5,7 @@ Two kinds of rows, each measured for the dense and the compressed variant altern
 
 - layer rows: for every distinct (out, in, compression) of the target layers, the forward of one such
   layer on `batch` input rows (tokens in flight), dense layer vs the compressed layer's runnable form
-  (slimlm/kernels.py says which kernel; the backend is in every row);
+  (slimlm/runtime/kernels.py says which kernel; the backend is in every row);
 - model rows: the whole model on `batch` sequences of `seqlen` random tokens: prefill (one forward with
   the KV cache on) and decode (`decode_tokens` single-token steps on that cache), in tokens/s.
 
@@ -28,9 +28,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import devices, kernels, models, oneshot, output, quantize
-from .errors import SlimlmError
-from .factorized import replace_module
+from .. import devices, models, oneshot, output
+from ..formats import quantized
+from . import kernels
+from ..errors import SlimlmError
+from ..ops.factorized import replace_module
 
 DEFAULTS = {
     "model": None, "dense": None, "device": "auto", "dtype": None, "batch_sizes": [1, 4], "seqlens": [128],
@@ -156,13 +158,13 @@ def plan_layers(loaded, settings: dict) -> list[dict]:
     spec = getattr(loaded.model.config, "slimlm_quant", None)
     codes = {}
     if spec:
-        codes = quantize.read_codes(Path(models.resolve(settings["model"])[0]), spec)
+        codes = quantized.read_codes(Path(models.resolve(settings["model"])[0]), spec)
     plan = []
     for name, module in targets.items():
         weight = models.weight_matrix(module)
-        quantized = {"bits": spec["bits"]} if name in codes else None
-        kind = kernels.layer_kind(module, quantized)
-        group = quantize.group_size_of(spec["group_size"]) if quantized else None
+        bits = {"bits": spec["bits"]} if name in codes else None
+        kind = kernels.layer_kind(module, bits)
+        group = quantized.group_size_of(spec["group_size"]) if bits else None
         runnable, backend = kernels.runnable(name, module, kind, settings["sparse_kernel"], codes.get(name), group)
         plan.append({"name": name, "shape": tuple(weight.shape), "kind": kind, "module": runnable, "backend": backend})
     return plan
@@ -375,7 +377,7 @@ def speedup_series(result: dict, which: str) -> dict[str, list[tuple[int, float,
 def _draw_speedups(ax, lines: dict[str, list]) -> None:
     """Median speed-up with the min-max range of the repeats as error bars. Lines at the same batch
     are nudged apart sideways so that their bars do not cover each other."""
-    from .plotting import style
+    from ..report.plotting import style
 
     for j, (label, points) in enumerate(lines.items()):
         nudge = 2 ** (0.06 * (j - (len(lines) - 1) / 2))
@@ -392,7 +394,7 @@ def figure(result: dict):
     rows). Both axes are logarithmic (0.5× and 2× equally far from 1×) with plain tick labels."""
     import matplotlib.ticker
 
-    from .plotting import plain_log_axis, pyplot
+    from ..report.plotting import plain_log_axis, pyplot
 
     panels = [(which, title, speedup_series(result, which))
               for which, title in (("layer", "target layer shapes"), ("model", "whole model"))]
@@ -422,6 +424,6 @@ def figure(result: dict):
 
 
 def plot(result: dict, path: str) -> None:
-    from .plotting import save
+    from ..report.plotting import save
 
     save(figure(result), path, dpi=120)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import SlimlmError
-from .factorized import LowRankLinear, linear_view
-from .sparsity import is_valid_nm
+from ..errors import SlimlmError
+from ..ops.factorized import LowRankLinear, linear_view
+from ..ops.sparsity import is_valid_nm
 
 SPARSE_KERNELS = ("auto", "semi-structured", "dense")
 INT4_CPU_GROUPS = (32, 64, 128, 256)  # what torch's CPU int4 weight-only kernel accepts

@@ -112,3 +112,15 @@ def refresh_masks(targets: dict[str, nn.Module], new_mask) -> float:
 def bake_mask(module: nn.Module) -> None:
     """Replace the parametrization by the plain weight mask * W, with exact zeros."""
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in). GPT-2's Conv1D stores (in, out): return a transposed *view*, so
+    in-place edits (masking, copy_) write through to the parameter. A factorized layer: A @ B."""
+    from .factorized import LowRankLinear  # factorized.py needs nothing of this module at import
+
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, LowRankLinear):
+        return module.merged_weight()
+    return module.weight.t()

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import models, quantize
-from .errors import SlimlmError
-from .output import move_into_place, open_up, staging_dir
+from .. import models
+from . import quantized
+from ..errors import SlimlmError
+from ..output import move_into_place, open_up, staging_dir
 
 FORMAT = "pack-quantized"
 
@@ -47,7 +48,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantization_config(spec: dict) -> dict:
-    group = quantize.group_size_of(spec["group_size"])
+    group = quantized.group_size_of(spec["group_size"])
     weights = {"num_bits": spec["bits"], "type": "int", "symmetric": True, "dynamic": False,
                "strategy": "channel" if group is None else "group", "group_size": group, "actorder": None,
                "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
@@ -70,12 +71,12 @@ def convert(source: Path, destination: Path) -> dict:
     config["model_type"] = config.pop(models.SLIMLM_MODEL_TYPE, config["model_type"])
     state = {}
     for path in sorted(source.glob("*.safetensors")):
-        if path.name not in (quantize.FILENAME, "slorb.safetensors"):
+        if path.name not in (quantized.FILENAME, "slorb.safetensors"):
             state.update(load_file(str(path)))
     if any(".slorb." in key for key in state) or (source / "slorb.safetensors").exists():
         raise SlimlmError(f"{source} has SLoRB side paths, which compressed-tensors cannot express: "
                           "export a model without SLoRB")
-    for name, (codes, scales) in quantize.read_codes(source, spec).items():
+    for name, (codes, scales) in quantized.read_codes(source, spec).items():
         state[f"{name}.weight_packed"] = pack_int32(codes, spec["bits"])
         state[f"{name}.weight_scale"] = scales.float().contiguous()  # float16 values, kept exact
         state[f"{name}.weight_shape"] = torch.tensor(list(codes.shape))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .plotting import log_if_spread, plain, pyplot, save, style
-from .tasks import scores
+from ..eval.tasks import scores
 
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
 

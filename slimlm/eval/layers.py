@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .factorized import LowRankLinear
-from .models import weight_matrix
-from .sparsity import is_valid_nm, singular_value_stats, sparsity_of
+from ..ops.factorized import LowRankLinear
+from ..models import weight_matrix
+from ..ops.sparsity import is_valid_nm, singular_value_stats, sparsity_of
 
 
 @torch.no_grad()

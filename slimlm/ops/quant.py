@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SlimlmError
-from .prune.sparsegpt import inverse_hessian_cholesky
+from ..errors import SlimlmError
+from ..prune.sparsegpt import inverse_hessian_cholesky
 
 BITS = (4, 8)
 

@@ -15,10 +15,10 @@ import struct
 import tempfile
 from pathlib import Path
 
-from .errors import SlimlmError
-from .output import spent
-from .quantize import describe_group
-from .tasks import scores
+from ..errors import SlimlmError
+from ..output import spent
+from ..formats.quantized import describe_group
+from ..eval.tasks import scores
 
 
 def _read_report(folder: Path) -> dict:
@@ -249,7 +249,7 @@ def render(rows: list[dict], names: list[str], plots: dict[str, str]) -> str:
 def write(run_dirs: list[str], output: str) -> Path:
     """Describe the runs, draw the plots, write OUTPUT (.md) and its PNGs beside it. Everything is
     written in a temporary folder first and moved into place at the end."""
-    from .report_plots import plot_curves, plot_quality
+    from .plots import plot_curves, plot_quality
 
     if not run_dirs:
         raise SlimlmError("no run folders given")

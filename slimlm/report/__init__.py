@@ -1,0 +1,1 @@
+"""`slimlm report`: one Markdown page comparing output folders of any kind, with its plots."""
