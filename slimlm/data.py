@@ -93,14 +93,16 @@ def _read_hf_dataset(spec: str, split: str) -> str:
 class TokenStream:
     ids: torch.Tensor  # 1-D LongTensor of the whole tokenized corpus
     source: str
-    bos_added: bool
+    bos_added: bool  # the tokenizer put its BOS token in front (models trained that way expect one)
+    bos_id: int | None = None  # the tokenizer's BOS token, if it has one
 
 
 def tokenize(tokenizer, text: str, source: str) -> TokenStream:
     """Tokenize once, as the whole corpus (no per-document truncation)."""
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     bos = getattr(tokenizer, "bos_token_id", None)
-    return TokenStream(ids=ids, source=source, bos_added=bos is not None and len(ids) > 0 and int(ids[0]) == bos)
+    return TokenStream(ids=ids, source=source, bos_added=bos is not None and len(ids) > 0 and int(ids[0]) == bos,
+                       bos_id=bos)
 
 
 def load_tokens(tokenizer, spec: str, split: str = "test") -> TokenStream:
@@ -108,15 +110,40 @@ def load_tokens(tokenizer, spec: str, split: str = "test") -> TokenStream:
     return tokenize(tokenizer, read_text(spec, split), spec)
 
 
-def eval_windows(stream: TokenStream, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of seqlen tokens, remainder dropped: (n_windows, seqlen)."""
-    n = stream.ids.numel() // seqlen
+BOS_MODES = ("auto", "window", "stream")
+
+
+def bos_mode(stream: TokenStream, asked: str) -> str:
+    """Where evaluation windows get a BOS token. `stream`: the SparseGPT/Wanda protocol (tokenize once, cut
+    windows: only the first window starts with BOS, and only if the tokenizer adds one). `window`: every
+    window starts with BOS, as lm-eval's rolling log-likelihood does; models trained to always see one
+    score far worse without it. `auto`: `window` when the tokenizer adds a BOS token, else `stream`."""
+    if asked not in BOS_MODES:
+        raise SlimlmError(f"unknown BOS mode '{asked}': choose one of {', '.join(BOS_MODES)}")
+    if asked == "auto":
+        return "window" if stream.bos_added else "stream"
+    if asked == "window" and stream.bos_id is None:
+        raise SlimlmError(f"the tokenizer of '{stream.source}' has no BOS token: evaluate with the stream protocol")
+    return asked
+
+
+def eval_windows(stream: TokenStream, seqlen: int, max_windows: int | None = None, bos: str = "stream") -> torch.Tensor:
+    """Non-overlapping windows of seqlen tokens, remainder dropped: (n_windows, seqlen). With bos='window'
+    each window is the BOS token followed by the next seqlen - 1 tokens of text (the stream's own leading
+    BOS dropped), so every text token is predicted once and each window starts as the model was trained."""
+    ids, width = stream.ids, seqlen
+    if bos == "window":
+        ids, width = (ids[1:] if stream.bos_added else ids), seqlen - 1
+    n = ids.numel() // width if width > 0 else 0
     if n == 0:
         raise SlimlmError(f"data '{stream.source}' has {stream.ids.numel()} tokens, fewer than one window "
                           f"of {seqlen}: use more text or a smaller --seqlen")
     if max_windows:
         n = min(n, max_windows)
-    return stream.ids[: n * seqlen].reshape(n, seqlen)
+    windows = ids[: n * width].reshape(n, width)
+    if bos == "window":
+        windows = torch.cat([torch.full((n, 1), stream.bos_id, dtype=windows.dtype), windows], dim=1)
+    return windows
 
 
 def calibration_windows(stream: TokenStream, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ DEFAULTS = {
     "model": None, "method": "wanda", "sparsity": "2:4", "calib": None, "nsamples": 128, "seqlen": None,
     "seed": 0, "include": None, "ignore": None, "skip_indivisible": False, "dtype": "float32",
     "device": "auto", "blocksize": 128, "percdamp": 0.01, "eval": None, "eval_dense": False,
-    "eval_seqlen": None, "eval_windows": None,
+    "eval_seqlen": None, "eval_windows": None, "eval_bos": "auto",
 }
 
 
@@ -44,7 +44,7 @@ def evaluate(loaded, stream, settings) -> dict:
     if loaded.kind != "causal-lm":
         raise SlimlmError("perplexity needs a causal language model")
     return perplexity(loaded.model, stream, settings["eval_seqlen"] or settings["seqlen"],
-                      max_windows=settings["eval_windows"])
+                      max_windows=settings["eval_windows"], bos=settings["eval_bos"])
 
 
 def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) -> dict:
@@ -96,6 +96,11 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     return report
 
 
+def bos_label(evaluation: dict) -> str:
+    """How a perplexity's windows began, for model cards (also used by quantize.py)."""
+    return "BOS per window" if evaluation.get("bos") == "window" else "SparseGPT/Wanda windows"
+
+
 def _card(report: dict) -> str:
     t = report["totals"]
     summary = [
@@ -110,7 +115,7 @@ def _card(report: dict) -> str:
         summary.append(f"Left dense (width not divisible by M): {', '.join(report['skipped_layers'])}.")
     results = {}
     for name, ev in report["evaluation"].items():
-        results[f"perplexity ({name}, {ev['data']}, {ev['windows']}x{ev['seqlen']} tokens)"] = ev["perplexity"]
+        results[f"perplexity ({name}, {ev['data']}, {ev['windows']}x{ev['seqlen']} tokens, {bos_label(ev)})"] = ev["perplexity"]
     auto = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification"}
     cls = auto.get(report["model_kind"], "AutoModel")
     how = (f"from transformers import {cls}, AutoTokenizer\n"

@@ -27,7 +27,7 @@ from .prune.blockwise import prune_blockwise
 DEFAULTS = {
     "model": None, "bits": 4, "group_size": 128, "method": "rtn", "calib": None, "nsamples": 128, "seqlen": None,
     "seed": 0, "include": None, "ignore": None, "percdamp": 0.01, "blocksize": 128, "eval": None,
-    "eval_dense": False, "eval_seqlen": None, "eval_windows": None, "device": "auto", "format": "slimlm",
+    "eval_dense": False, "eval_seqlen": None, "eval_windows": None, "eval_bos": "auto", "device": "auto", "format": "slimlm",
 }
 METHODS = ("rtn", "gptq")
 FORMATS = ("slimlm", "compressed-tensors")
@@ -133,7 +133,7 @@ def _card(report: dict) -> str:
                f"Target weights: {z['stored_bytes']:,} bytes stored (fp16 dense: {z['dense_fp16_bytes']:,}; "
                f"2:4 fp16: {z['sparse_24_fp16_bytes']:,}); layers packed as 2:4: "
                f"{sum(k == '2:4' for k in report['layers'].values())}."]
-    results = {f"perplexity ({k}, {v['data']}, {v['windows']}x{v['seqlen']})": v["perplexity"]
+    results = {f"perplexity ({k}, {v['data']}, {v['windows']}x{v['seqlen']}, {oneshot.bos_label(v)})": v["perplexity"]
                for k, v in report["evaluation"].items()}
     how = "import slimlm\nmodel = slimlm.load(\"PATH\")  # dequantizes the packed codes (quant.safetensors)"
     if s.get("format") == "compressed-tensors":

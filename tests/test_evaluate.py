@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_model
-from slimlm.data import TokenStream, calibration_windows, eval_windows, tokenize
+from slimlm.data import TokenStream, bos_mode, calibration_windows, eval_windows, tokenize
 from slimlm.errors import SlimlmError
 from slimlm.eval.perplexity import perplexity
 
@@ -55,3 +55,28 @@ def test_tokenize_records_bos(tokenizer):
     s = tokenize(tokenizer, "We the people", "inline")
     assert s.ids.dim() == 1 and s.ids.numel() > 0
     assert s.bos_added is False
+
+
+def test_bos_per_window_predicts_every_text_token_once_after_a_bos():
+    text = torch.arange(10, 1010)  # 1000 text tokens after the tokenizer's BOS (id 1)
+    stream = TokenStream(torch.cat([torch.tensor([1]), text]), "x", bos_added=True, bos_id=1)
+    w = eval_windows(stream, 100, bos="window")
+    assert w.shape == (10, 100) and (w[:, 0] == 1).all()
+    assert torch.equal(w[:, 1:].flatten(), text[: 10 * 99])  # text continues window to window, nothing skipped
+    assert bos_mode(stream, "auto") == "window"
+    plain = TokenStream(text, "y", bos_added=False, bos_id=1)
+    assert bos_mode(plain, "auto") == "stream" and bos_mode(plain, "window") == "window"
+    with pytest.raises(SlimlmError, match="has no BOS token"):
+        bos_mode(TokenStream(text, "z", False, None), "window")
+
+
+def test_perplexity_records_its_bos_protocol_and_the_bos_changes_the_number():
+    model = build_model("llama")
+    ids = torch.randint(5, 384, (1000,), generator=torch.Generator().manual_seed(0))
+    stream = TokenStream(torch.cat([torch.tensor([0]), ids]), "random", bos_added=True, bos_id=0)
+    per_window = perplexity(model, stream, seqlen=100)
+    paper = perplexity(model, stream, seqlen=100, bos="stream")
+    assert per_window["bos"] == "window" and paper["bos"] == "stream"
+    assert per_window["tokens_scored"] == paper["tokens_scored"] == 10 * 99
+    assert per_window["perplexity"] != paper["perplexity"]
+    assert "every window starts with BOS" in per_window["protocol"]

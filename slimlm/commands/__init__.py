@@ -20,6 +20,9 @@ def add_calibrated_job_arguments(p, solver: str, defaults: dict) -> None:
     p.add_argument("--eval-dense", action="store_true", help="also measure the model before")
     p.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
     p.add_argument("--eval-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--eval-bos", default=defaults["eval_bos"], choices=["auto", "window", "stream"],
+                   help="BOS at the start of every evaluation window (window), only where the tokenizer put it "
+                   "(stream: the SparseGPT/Wanda protocol), or window when the tokenizer adds one (auto)")
     p.add_argument("--device", default=defaults["device"], help="auto (a CUDA GPU when there is one, else the CPU), "
                    "cpu, cuda, cuda:N")
     p.add_argument("--output", required=True)

@@ -22,6 +22,9 @@ def add_arguments(p):
     p.add_argument("--seqlen", type=int, help="perplexity window; for tasks, the longest input (longer ones lose "
                    "tokens from the left). Default: 2048, or the model's position table if shorter")
     p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--bos", default="auto", choices=["auto", "window", "stream"],
+                   help="perplexity: BOS at the start of every window (window), only where the tokenizer put it "
+                   "(stream: the SparseGPT/Wanda protocol), or window when the tokenizer adds one (auto)")
     p.add_argument("--batch-size", type=int, help="default: 1 window (perplexity), 8 requests (tasks), "
                    "32 examples (accuracy)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -66,8 +69,9 @@ def _data(loaded, args):
                           "(slimlm finetune) or give a causal LM")
     stream = data.load_tokens(loaded.tokenizer, args.data)
     result = {"model": args.model,
-              **perplexity(loaded.model, stream, args.seqlen, args.max_windows, args.batch_size or 1)}
-    print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {args.seqlen} tokens of {args.data})")
+              **perplexity(loaded.model, stream, args.seqlen, args.max_windows, args.batch_size or 1, args.bos)}
+    print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {args.seqlen} tokens of {args.data}, "
+          f"BOS: {result['bos']})")
     _write_json(args, result)
 
 

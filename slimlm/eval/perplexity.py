@@ -1,4 +1,5 @@
-"""Token perplexity with the SparseGPT/Wanda protocol."""
+"""Token perplexity: non-overlapping windows (the SparseGPT/Wanda protocol), with a BOS token at the start
+of every window for models whose tokenizer adds one (`data.bos_mode`)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import TokenStream, eval_windows
+from ..data import TokenStream, bos_mode, eval_windows
 
 
 @torch.no_grad()
@@ -25,10 +26,12 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "e
 
 
 def perplexity(model, stream: TokenStream, seqlen: int, max_windows: int | None = None,
-               batch_size: int = 1) -> dict:
+               batch_size: int = 1, bos: str = "auto") -> dict:
     """exp(mean token NLL) over non-overlapping windows (remainder dropped); each window is scored
-    independently, so its first token is context only. Returns the number with its full protocol."""
-    windows = eval_windows(stream, seqlen, max_windows)
+    independently, so its first token is context only. `bos`: see data.bos_mode. Returns the number with
+    its full protocol."""
+    bos = bos_mode(stream, bos)
+    windows = eval_windows(stream, seqlen, max_windows, bos)
     was_training = model.training
     model.eval()
     nll, count = window_nll(model, windows, batch_size)
@@ -42,7 +45,9 @@ def perplexity(model, stream: TokenStream, seqlen: int, max_windows: int | None 
         "tokens_scored": count,
         "tokens_total": int(stream.ids.numel()),
         "bos_added": stream.bos_added,
-        "protocol": "non-overlapping windows, remainder dropped, exp(mean next-token NLL)",
+        "bos": bos,
+        "protocol": "non-overlapping windows, remainder dropped, exp(mean next-token NLL)"
+                    + ("; every window starts with BOS" if bos == "window" else "; BOS only where the tokenizer put it"),
     }
 
 
