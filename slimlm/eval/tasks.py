@@ -85,17 +85,27 @@ def summarize(results: dict, settings: dict) -> dict:
 
 
 def run_tasks(loaded: LoadedModel, names: list[str], include_path: list[str] | None = None,
-              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-              seqlen: int = 2048, seed: int = 0) -> dict:
-    """Evaluate the in-memory model on lm-eval tasks; returns `summarize`'s dict."""
+              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int | str = 8,
+              seqlen: int = 2048, seed: int = 0, log_samples: bool = False,
+              output_path: str | Path | None = None) -> dict:
+    """Evaluate the in-memory model on lm-eval tasks; returns `summarize`'s dict. With `output_path`,
+    lm-eval's own results file (and with `log_samples` its per-sample logs) go there, as its CLI
+    writes them: OUTPUT_PATH/<model name>/results_<date>.json and samples_<task>_<date>.jsonl."""
     if loaded.kind != "causal-lm":
         raise SlimlmError(f"lm-eval tasks score text with a causal LM; '{loaded.source}' is a {loaded.kind} model")
     if not names:
         raise SlimlmError("no task names given: pass --tasks boolq,rte,... ")
+    if log_samples and not output_path:
+        raise SlimlmError("--log-samples writes lm-eval's per-sample logs into --output-path DIR: give one")
     lm_eval, _, lmeval = _lm_eval()
     manager = task_manager(names, include_path)
     max_length = max_context(loaded.model, seqlen)
-    lm = lmeval.SlimlmLM(loaded.model, loaded.tokenizer, max_length=max_length, batch_size=batch_size)
+    lm = lmeval.make_lm(loaded.model, loaded.tokenizer, max_length=max_length, batch_size=batch_size)
+    tracker = None
+    if output_path:
+        from lm_eval.loggers import EvaluationTracker
+
+        tracker = EvaluationTracker(output_path=str(output_path))
     try:
         # lm-eval records the working folder's commit with `git describe`, whose stderr would reach the
         # user ("fatal: not a git repository" outside one). FutureWarnings raised from transformers' and
@@ -103,13 +113,19 @@ def run_tasks(loaded: LoadedModel, names: list[str], include_path: list[str] | N
         # (slimlm's own and other libraries' warnings still show)
         with warnings.catch_warnings(), mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_commit):
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|lm_eval)(\.|$)")
-            results = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
-                                              num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
-                                              numpy_random_seed=seed, torch_random_seed=seed,
-                                              fewshot_random_seed=seed)
+            results = lm_eval.simple_evaluate(model=lm, model_args={"pretrained": loaded.source}, tasks=list(names),
+                                              task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                              batch_size=batch_size, log_samples=log_samples,
+                                              evaluation_tracker=tracker, random_seed=seed, numpy_random_seed=seed,
+                                              torch_random_seed=seed, fewshot_random_seed=seed)
     except ConnectionError as err:  # a hub task whose data is not cached, without a network
         raise SlimlmError(f"lm-eval could not fetch a task's data set ({err}); real tasks need the "
                           "Hugging Face hub or its cache") from None
+    if tracker is not None:
+        samples = results.pop("samples", None)
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for task in results["configs"] if samples else []:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
     settings = {"limit": limit, "max_length": max_length, "seed": seed, "lm_eval": lm_eval.__version__}
     return summarize(results, settings)
 

@@ -1,14 +1,16 @@
 """Export a `slimlm quantize` folder to the compressed-tensors format of the vLLM ecosystem.
 
-What is written (field names from the compressed-tensors format; the code is ours):
+What is written (the tensors packed by our code; the config by compressed-tensors itself):
 - one `model.safetensors`: every tensor of the slimlm folder that is not a quantized layer's weight,
   plus per quantized layer NAME: `NAME.weight_packed` (int32 (out, ceil(in·b/32)): the codes offset
   to unsigned, q + 2^(b-1), element i of a row at bits i·b.. of the row's little-endian int32 words),
   `NAME.weight_scale` (out, in/group or out × 1) and `NAME.weight_shape` ([out, in]);
-- `config.json` with `quantization_config`: `quant_method: compressed-tensors`, format
-  `pack-quantized`, status `compressed`, one config group targeting exactly the quantized layers by name,
-  weights {num_bits, type int, symmetric, strategy group (group_size) or channel}, no activation
-  quantization (weight-only), and an empty `sparsity_config`.
+- `config.json` with `quantization_config`, built from compressed-tensors' own models
+  (`QuantizationConfig`, `QuantizationScheme`, `QuantizationArgs`) and written by its
+  `ModelCompressor.update_config`: format `pack-quantized`, status `compressed`, one config group
+  targeting exactly the quantized layers by name, weights {num_bits, type int, symmetric, strategy
+  group (group_size) or channel}, no activation quantization (weight-only); the library adds
+  `quant_method`, its `version` and an empty `sparsity_config`.
 
 Faithful: the codes and scales are the ones slimlm stored, symmetric with zero-point 0, in natural column
 order (slimlm's GPTQ has no act-order), so w = q · scale exactly. The scales are written as float32 holding
@@ -30,8 +32,6 @@ from . import quantized
 from ..errors import SlimlmError
 from ..output import move_into_place, open_up, staging_dir
 
-FORMAT = "pack-quantized"
-
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 codes (out, in) in [-2^(b-1), 2^(b-1)) -> int32 words (out, ceil(in·b/32)), 32/b codes per
@@ -47,17 +47,29 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same bits, signed int32
 
 
-def quantization_config(spec: dict) -> dict:
+def _library():
+    try:
+        from compressed_tensors import quantization
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.config import CompressionFormat
+    except ImportError:
+        raise SlimlmError("--format compressed-tensors needs the compressed-tensors package: run "
+                          "`pip install --no-deps compressed-tensors==0.20.0 pydantic loguru psutil`") from None
+    return quantization, ModelCompressor, CompressionFormat
+
+
+def quantization_config(spec: dict):
+    """compressed-tensors' own `QuantizationConfig` for the layers of a slimlm quantize spec: one
+    weight-only scheme (symmetric int codes, per group or per channel) over exactly those layers."""
+    q, _, CompressionFormat = _library()
     group = quantized.group_size_of(spec["group_size"])
-    weights = {"num_bits": spec["bits"], "type": "int", "symmetric": True, "dynamic": False,
-               "strategy": "channel" if group is None else "group", "group_size": group, "actorder": None,
-               "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
-    return {
-        "quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": sorted(spec["layers"]), "weights": weights,
-                                      "input_activations": None, "output_activations": None, "format": FORMAT}},
-        "ignore": [], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
-    }
+    strategy = q.QuantizationStrategy.CHANNEL if group is None else q.QuantizationStrategy.GROUP
+    weights = q.QuantizationArgs(num_bits=spec["bits"], type=q.QuantizationType.INT, symmetric=True,
+                                 strategy=strategy, group_size=group)
+    scheme = q.QuantizationScheme(targets=sorted(spec["layers"]), weights=weights,
+                                  format=CompressionFormat.pack_quantized)
+    return q.QuantizationConfig(config_groups={"group_0": scheme}, format=CompressionFormat.pack_quantized.value,
+                                quantization_status=q.QuantizationStatus.COMPRESSED)
 
 
 def convert(source: Path, destination: Path) -> dict:
@@ -80,14 +92,16 @@ def convert(source: Path, destination: Path) -> dict:
         state[f"{name}.weight_packed"] = pack_int32(codes, spec["bits"])
         state[f"{name}.weight_scale"] = scales.float().contiguous()  # float16 values, kept exact
         state[f"{name}.weight_shape"] = torch.tensor(list(codes.shape))
-    config["quantization_config"] = quantization_config(spec)
+    qconfig = quantization_config(spec)
     save_file({k: v.contiguous() for k, v in state.items()}, str(destination / "model.safetensors"),
               metadata={"format": "pt"})
     (destination / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    _, ModelCompressor, _ = _library()
+    ModelCompressor(quantization_config=qconfig).update_config(str(destination))  # adds quantization_config
     for path in source.iterdir():  # tokenizer, generation config, chat template; the model card and report
         if path.is_file() and path.suffix != ".safetensors" and path.name != "config.json":
             shutil.copy2(path, destination / path.name)
-    return config["quantization_config"]
+    return json.loads((destination / "config.json").read_text())["quantization_config"]
 
 
 def export(source: Path, output: Path, overwrite: bool = False) -> dict:
