@@ -227,6 +227,24 @@ def task_section(tasks: dict) -> str:
     return "\n".join(lines + ["", TASKS_END])
 
 
+def perplexity_key(result: dict) -> str:
+    """What makes two perplexities comparable: the data, window length, windows and BOS protocol."""
+    return f"{result['data']}|{result['seqlen']}|{result['windows']}|{result.get('bos', 'stream')}"
+
+
+def record_perplexity(folder: Path, result: dict) -> None:
+    """Merge a `slimlm eval --data` result into a finished folder's report.json under `slimlm_eval`
+    (one entry per data/windows/BOS protocol; a re-run replaces it), so `slimlm report` can compare
+    runs measured the same way."""
+    import datetime
+
+    folder = Path(folder)
+    report = json.loads((folder / "report.json").read_text())
+    entry = {k: v for k, v in result.items() if k != "model"} | {"date": datetime.date.today().isoformat()}
+    report["slimlm_eval"] = {**report.get("slimlm_eval", {}), perplexity_key(result): entry}
+    _replace_file(folder / "report.json", json.dumps(report, indent=2))
+
+
 def record_task_scores(folder: Path, tasks: dict) -> None:
     """Merge lm-eval scores into an output folder: report.json under `lm_eval` (one entry per task,
     a re-run replaces it) and the model card's score table (kept between markers, above 'How to load')."""

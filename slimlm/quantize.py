@@ -45,6 +45,8 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     if settings["bits"] not in quant.BITS:
         raise SlimlmError(f"--bits {settings['bits']} is not supported: choose 4 or 8")
     out_path = output.check_output_dir(output_dir, overwrite) if output_dir else None
+    if settings["format"] == "compressed-tensors":
+        compressed_tensors.check_installed()  # before any work, not after quantizing
     group = group_size_of(settings["group_size"])
     settings["device"] = devices.resolve(settings["device"], announce=True)
     loaded = models.load(settings["model"], device=settings["device"])

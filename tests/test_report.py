@@ -200,3 +200,35 @@ def test_curves_compare_like_with_like_and_skip_empty_panels():
     drawn = [ax for ax in fig.axes if ax.axison]
     assert len(drawn) == len(panels) and all(ax.lines for ax in drawn)
     assert "higher is better" in drawn[-1].get_ylabel() and drawn[-1].get_yscale() == "linear"
+
+
+def test_slimlm_eval_results_make_the_report_compare_like_with_like(runs, model_dirs, text_file, tmp_path, capsys):
+    causal = {k: runs[k] for k in ("wanda", "int4", "ast")}
+    eval_args = ["--data", str(text_file), "--seqlen", "64", "--max-windows", "3", "--bos", "stream"]
+    for folder in causal.values():
+        assert main(["eval", "--model", str(folder), *eval_args]) == 0
+    dense = tmp_path / "dense.json"
+    assert main(["eval", "--model", str(model_dirs["llama"]), *eval_args, "--json", str(dense)]) == 0
+    rec = json.loads((runs["ast"] / "report.json").read_text())["slimlm_eval"]
+    (key, ev), = rec.items()
+    assert key == f"{text_file}|64|3|stream" and ev["windows"] == 3 and ev["bos"] == "stream"
+
+    page = tmp_path / "same.md"
+    assert main(["report", *map(str, causal.values()), "--output", str(page), "--dense", str(dense)]) == 0
+    text = page.read_text()
+    assert f"every run measured the same way by `slimlm eval` ({text_file} (3×64, BOS stream))" in text
+    rows = [describe(f) for f in causal.values()]
+    from slimlm.report.page import like_with_like
+
+    like_with_like(rows, json.loads(dense.read_text()))
+    assert [r["value"] for r in rows] == [
+        json.loads((f / "report.json").read_text())["slimlm_eval"][key]["perplexity"] for f in causal.values()]
+    panel, = quality_panels(rows, list(causal))
+    assert list(panel["dense"].values()) == [json.loads(dense.read_text())["perplexity"]] and len(panel["points"]) == 3
+    # a dense result measured otherwise is refused, naming what must match
+    other = tmp_path / "other.json"
+    assert main(["eval", "--model", str(model_dirs["llama"]), "--data", str(text_file), "--seqlen", "32",
+                 "--max-windows", "3", "--json", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["report", *map(str, causal.values()), "--output", str(tmp_path / "x.md"), "--dense", str(other)]) == 2
+    assert "was not measured as the runs were" in capsys.readouterr().err

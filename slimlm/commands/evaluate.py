@@ -21,8 +21,8 @@ def add_arguments(p):
                    "written as lm-eval's CLI writes them: DIR/<model>/results_<date>.json")
     p.add_argument("--log-samples", action="store_true", help="tasks: also write each example's prompt, "
                    "responses and scores to DIR/<model>/samples_<task>_<date>.jsonl (needs --output-path)")
-    p.add_argument("--no-report", action="store_true", help="tasks: do not merge the scores into the model "
-                   "folder's report.json and model card")
+    p.add_argument("--no-report", action="store_true", help="do not merge the results into the model folder's "
+                   "report.json (and, for tasks, its model card)")
     p.add_argument("--max-length", type=int, default=128, help="classifier: tokens per example")
     p.add_argument("--seqlen", type=int, help="perplexity window; for tasks, the longest input (longer ones lose "
                    "tokens from the left). Default: 2048, or the model's position table if shorter")
@@ -91,6 +91,10 @@ def _data(loaded, args):
               **perplexity(loaded.model, stream, args.seqlen, args.max_windows, args.batch_size or 1, args.bos)}
     print(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows x {args.seqlen} tokens of {args.data}, "
           f"BOS: {result['bos']})")
+    folder = Path(args.model)
+    if not args.no_report and (folder / "report.json").is_file():
+        output.record_perplexity(folder, result)
+        print(f"perplexity recorded in {folder / 'report.json'}")
     _write_json(args, result)
 
 

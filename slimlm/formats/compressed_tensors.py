@@ -47,6 +47,10 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # same bits, signed int32
 
 
+def check_installed() -> None:
+    _library()
+
+
 def _library():
     try:
         from compressed_tensors import quantization

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SlimlmError
-from ..output import spent
+from ..output import perplexity_key, spent
 from ..formats.quantized import describe_group
 from ..eval.tasks import scores
 
@@ -172,7 +172,28 @@ def describe(folder: str | Path) -> dict:
         "kept": kept, "dense": dense, "weight_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
         "metric": metric, "value": value, "evaluated_on": where, "dense_value": _dense_quality(report), "tokens": tokens, "seconds": seconds,
         "tasks": report.get("lm_eval", {}), "history": _history(folder), "details": _details(report),
+        "evals": report.get("slimlm_eval", {}),
     }
+
+
+def _protocol(ev: dict) -> str:
+    return f"{ev['data']} ({ev['windows']}×{ev['seqlen']}, BOS {ev.get('bos', 'stream')})"
+
+
+def like_with_like(rows: list[dict], dense: dict | None = None) -> str | None:
+    """Where every run has a `slimlm eval --data` perplexity measured the same way (data, window length,
+    windows, BOS), show that one instead of each run's own evaluation, and the dense model's `slimlm eval
+    --json` result as the reference when it was measured the same way. Returns the protocol used, or None."""
+    shared = set.intersection(*(set(r["evals"]) for r in rows)) if rows else set()
+    if not shared:
+        return None
+    key = max(shared, key=lambda k: (rows[0]["evals"][k]["windows"], k))  # the most windows: the best estimate
+    for r in rows:
+        ev = r["evals"][key]
+        r.update(metric="perplexity", value=ev["perplexity"], evaluated_on=_protocol(ev), dense_value=None)
+        if dense is not None and perplexity_key(dense) == key:
+            r["dense_value"], r["dense_name"] = dense["perplexity"], dense.get("model", "model")
+    return _protocol(rows[0]["evals"][key])
 
 
 def short_names(paths: list[str]) -> list[str]:
@@ -218,15 +239,17 @@ def _fmt_task(r: dict | None, metric: str) -> str:
     return f"{value:.3f}" + (f" ± {err:.3f}" if err is not None else "")
 
 
-def render(rows: list[dict], names: list[str], plots: dict[str, str]) -> str:
-    """The Markdown page; `plots` maps a caption to the PNG's path relative to the page."""
+def render(rows: list[dict], names: list[str], plots: dict[str, str], shared: str | None = None) -> str:
+    """The Markdown page; `plots` maps a caption to the PNG's path relative to the page; `shared`: the
+    `slimlm eval` protocol every row's perplexity was measured with (like_with_like), if any."""
     tasks = _task_columns(rows)
     head = ["run", "method", "budget", "base model", "non-zero params", "of dense", "weights on disk",
             "perplexity", "accuracy", "evaluated on"] + [f"{t} ({m})" for t, m in tasks] + ["tokens", "time"]
+    how = (f"Perplexity: every run measured the same way by `slimlm eval` ({shared})" if shared else
+           "Perplexity and accuracy are each run's own evaluation (the data and windows are in *evaluated on*: "
+           "compare rows measured on the same data; `slimlm eval --data` on every folder makes them comparable)")
     lines = ["# slimlm run report", "",
-             f"{len(rows)} runs, compared {datetime.date.today().isoformat()}. Perplexity and accuracy are each "
-             "run's own evaluation (the data and windows are in *evaluated on*: compare rows measured on the same "
-             "data); task columns are lm-evaluation-harness scores (`slimlm eval --tasks`), ± standard error. "
+             f"{len(rows)} runs, compared {datetime.date.today().isoformat()}. {how}; task columns are lm-evaluation-harness scores (`slimlm eval --tasks`), ± standard error. "
              "*tokens*: training tokens, or calibration tokens for one-shot pruning and quantization.", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, r in zip(names, rows):
@@ -246,9 +269,20 @@ def render(rows: list[dict], names: list[str], plots: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(run_dirs: list[str], output: str) -> Path:
+def _read_dense(path: str) -> dict:
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SlimlmError(f"--dense {path}: not a readable `slimlm eval --json` file ({err.__class__.__name__})") from None
+    if not isinstance(result, dict) or not {"perplexity", "data", "seqlen", "windows"} <= set(result):
+        raise SlimlmError(f"--dense {path}: not a `slimlm eval --data ... --json` result (no perplexity with its protocol)")
+    return result
+
+
+def write(run_dirs: list[str], output: str, dense: str | None = None) -> Path:
     """Describe the runs, draw the plots, write OUTPUT (.md) and its PNGs beside it. Everything is
-    written in a temporary folder first and moved into place at the end."""
+    written in a temporary folder first and moved into place at the end. `dense`: a `slimlm eval --json`
+    file of the dense model, the reference where the runs were evaluated the same way."""
     from .plots import plot_curves, plot_quality
 
     if not run_dirs:
@@ -260,6 +294,11 @@ def write(run_dirs: list[str], output: str) -> Path:
         raise SlimlmError(f"folder of {output} does not exist")
     rows = [describe(d) for d in run_dirs]
     names = short_names(run_dirs)
+    reference = _read_dense(dense) if dense else None
+    shared = like_with_like(rows, reference)
+    if reference is not None and (shared is None or rows[0]["dense_value"] is None):
+        raise SlimlmError(f"--dense {dense} was not measured as the runs were (every run needs a `slimlm eval --data` "
+                          f"result with the same data, --seqlen, windows and BOS; shared: {shared or 'none'})")
     tmp = Path(tempfile.mkdtemp(prefix=f".{page.stem}.tmp-", dir=page.parent))
     try:
         plots = {}
@@ -269,7 +308,7 @@ def write(run_dirs: list[str], output: str) -> Path:
         curves = f"{page.stem}-curves.png"
         if plot_curves(rows, names, tmp / curves):
             plots["Training curves"] = curves
-        (tmp / page.name).write_text(render(rows, names, plots))
+        (tmp / page.name).write_text(render(rows, names, plots, shared))
         for png in plots.values():  # the page last: it never points at a missing picture
             (tmp / png).replace(page.parent / png)
         (tmp / page.name).replace(page)

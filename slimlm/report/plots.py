@@ -36,7 +36,8 @@ def quality_panels(rows: list[dict], names: list[str]) -> list[dict]:
             else:
                 panel(title, metric)["points"].append((i, value, err))
         if r.get("dense_value") is not None:
-            panel(f"{r['metric']} on {r['evaluated_on']}", r["metric"])["dense"][f"dense {r['base_model']}"] = r["dense_value"]
+            name = r.get("dense_name", r["base_model"])  # the model `slimlm report --dense` measured, or the pruned one's base
+            panel(f"{r['metric']} on {r['evaluated_on']}", r["metric"])["dense"][f"dense {name}"] = r["dense_value"]
     return list(panels.values())
 
 
