@@ -153,6 +153,11 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
     # slimlm rebuilds quantized and factorized layers itself (below): transformers would report their
     # weights as missing from the checkpoint and "newly initialized", which is true only for a moment
     rebuilt_later = getattr(config, "slimlm_quant", None) or getattr(config, "slimlm_lowrank", None)
+    # a checkpoint saved with masks attached (a transformers.Trainer's during sparse training): m * W per layer
+    from .formats.masked_checkpoint import baked_checkpoint_weights
+
+    masked_weights = baked_checkpoint_weights(location) if Path(location).is_dir() and not gguf_file else {}
+    rebuilt_later = rebuilt_later or masked_weights
     verbosity = transformers.logging.get_verbosity()
     if rebuilt_later:
         transformers.logging.set_verbosity_error()
@@ -167,6 +172,10 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
         transformers.logging.set_verbosity(verbosity)
     if gguf_file:
         model = _plain_copy(model)
+    if masked_weights:
+        unexpected = model.load_state_dict(masked_weights, strict=False).unexpected_keys
+        if unexpected:
+            raise SlimlmError(f"could not load model '{spec}': its masked layer {unexpected[0]} is not in the model")
     if Path(location).is_dir():
         from .ops import slorb
 
