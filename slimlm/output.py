@@ -19,7 +19,7 @@ import yaml
 
 from .ops import slorb
 from .errors import SlimlmError
-from .models import SLIMLM_MODEL_TYPE, SLIMLM_ONLY, LoadedModel, load, weight_matrix
+from .models import SLIMLM_MODEL_TYPE, SLIMLM_ONLY, LoadedModel, base_license, load, weight_matrix
 from .ops.sparsity import Sparsity, is_valid_nm
 
 
@@ -174,7 +174,10 @@ def model_card(title: str, report: dict, summary: list[str], results: dict[str, 
     cost (from `report`, the same for every command) and how to load it. `slimlm_only`: the folder loads
     with slimlm.load only (plain transformers refuses it)."""
     base_model = report["base_model"]
+    license = base_license(base_model)
     lines = ["---", f"library_name: {'slimlm' if slimlm_only else 'transformers'}", "tags:"] + [f"- {t}" for t in tags]
+    if license:
+        lines.append(f"license: {license}")
     if "/" in base_model and not Path(base_model).exists():
         lines.append(f"base_model: {base_model}")
     lines += ["---", "", f"# {title}", "", *summary, ""]
@@ -182,7 +185,10 @@ def model_card(title: str, report: dict, summary: list[str], results: dict[str, 
         lines += ["| evaluation | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
         lines.append("")
-    lines += [budget_line(report), "", "## How to load", "", "```python", how_to_load.strip(), "```", ""]
+    lines += [budget_line(report), "",
+              f"Licence: `{license}`, the base model's." if license else
+              f"Licence: the base model `{base_model}` records none here: check its terms before sharing this derivative.",
+              "", "## How to load", "", "```python", how_to_load.strip(), "```", ""]
     if slimlm_only:
         lines += ["Plain `transformers` refuses this folder (its `config.json` names the model type "
                   f"`{SLIMLM_ONLY}`): it would build the compressed layers with random weights. "

@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import data, devices, models, oneshot, output
 from .errors import SlimlmError
 from .formats import compressed_tensors
 from .formats.quantized import FILENAME, describe_group, group_size_of, pack, sizes
 from .ops import quant
+from .ops.sparsity import parse_sparsity
 from .prune.blockwise import prune_blockwise
 
 DEFAULTS = {
@@ -110,8 +111,11 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
             save_file(tensors, str(folder / FILENAME))
 
         probe = (windows[0] if windows is not None else torch.arange(32))[:64].unsqueeze(0)
+        # the layers stored as packed 2:4 codes are checked to be exact 2:4 again after the reload
+        packed_24 = [name for name, kind in kinds.items() if kind == "2:4"]
         publish = lambda folder, replace, shown_path=None: output.publish(  # noqa: E731
-            loaded, folder, replace, settings, report, _card(report), list(targets), None,
+            loaded, folder, replace, settings, report, _card(report), packed_24,
+            parse_sparsity("2:4") if packed_24 else None,
             probe.to(next(loaded.model.parameters()).device), extra_save=save_codes,
             drop=[f"{name}.weight" for name in targets], shown_path=shown_path)
         if settings["format"] == "slimlm":

@@ -123,3 +123,19 @@ def test_plain_outputs_load_in_transformers_as_slimlm_loads_them(model_dirs, tex
         assert torch.equal(plain, slimlm.load(str(out))(ids).logits)
     card = (out / "README.md").read_text()
     assert "library_name: transformers" in card and f'from_pretrained("{out}")' in card
+
+
+def test_model_cards_name_the_base_models_licence(model_dirs, tmp_path):
+    import shutil
+
+    licensed = tmp_path / "licensed"
+    shutil.copytree(model_dirs["llama"], licensed)
+    (licensed / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# a model\n")
+    for base, expected in ((licensed, "license: mit"), (model_dirs["llama"], "records none here")):
+        out = tmp_path / f"p-{base.name}"
+        assert main(["prune", "--model", str(base), "--method", "magnitude", "--output", str(out)]) == 0
+        assert expected in (out / "README.md").read_text()
+    # a derivative of a derivative keeps it (slimlm's cards carry the licence in their front matter)
+    assert main(["prune", "--model", str(tmp_path / "p-licensed"), "--method", "magnitude", "--sparsity", "4:8",
+                 "--output", str(tmp_path / "again")]) == 0
+    assert "Licence: `mit`, the base model's." in (tmp_path / "again" / "README.md").read_text()

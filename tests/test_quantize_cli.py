@@ -23,6 +23,7 @@ def test_quantize_a_24_model_keeps_zeros_packs_and_reloads(model_dirs, text_file
         assert ("quantizing blocks (GPTQ)" in progress) == (method == "gptq") and "pruning" not in progress
         report = json.loads((out / "report.json").read_text())
         assert set(report["layers"].values()) == {"2:4"} and report["reload_check"]["max_abs_output_diff"] <= 1e-5
+        assert report["reload_check"]["nm_valid"] is True  # the packed 2:4 layers checked after the reload
         z = report["sizes"]
         assert z["stored_bytes"] < z["sparse_24_fp16_bytes"] < z["dense_fp16_bytes"]
         model = slimlm.load(str(out))
