@@ -5,7 +5,9 @@ they can be written back as YAML exactly as they were resolved.
 """
 from __future__ import annotations
 
+import shutil
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -14,6 +16,7 @@ from .errors import SlimlmError
 from .eval.perplexity import perplexity
 from .eval.layers import layer_stats, totals
 from .prune import METHODS, prune
+from .prune.reconstruct import Reconstruction
 from .ops.sparsity import parse_sparsity
 
 DEFAULTS = {
@@ -21,7 +24,12 @@ DEFAULTS = {
     "seed": 0, "include": None, "ignore": None, "skip_indivisible": False, "dtype": "float32",
     "device": "auto", "blocksize": 128, "percdamp": 0.01, "eval": None, "eval_dense": False,
     "eval_seqlen": None, "eval_windows": None, "eval_bos": "auto",
+    # block-wise reconstruction after the one-shot prune (prune/reconstruct.py)
+    "reconstruct": False, "reconstruct_steps": 64, "reconstruct_batch": 4, "reconstruct_lr": 1e-4,
+    "reconstruct_mask": "fixed", "reconstruct_target": "dense",
 }
+IDENTITY = ("model", "method", "sparsity", "calib", "nsamples", "seqlen", "seed", "include", "ignore", "dtype",
+            "blocksize", "percdamp")  # what a resumed reconstruction must share with the run it continues
 
 
 def resolve_settings(defaults: dict = DEFAULTS, **given) -> dict:
@@ -61,10 +69,12 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
     targets, skipped = models.target_layers(loaded.model, targets, sparsity.m, settings["skip_indivisible"])
 
+    rc = _reconstruction(settings, loaded)
     windows = None
-    if settings["method"] != "magnitude":
+    if settings["method"] != "magnitude" or rc is not None:
         if not settings["calib"]:
-            raise SlimlmError(f"--method {settings['method']} needs calibration data: pass --calib")
+            raise SlimlmError(f"--method {settings['method']}{' with --reconstruct' if rc else ''} needs calibration "
+                              "data: pass --calib")
         calib = data.load_tokens(loaded.tokenizer, settings["calib"], split="train")
         windows = data.calibration_windows(calib, settings["nsamples"], settings["seqlen"], settings["seed"])
 
@@ -74,7 +84,11 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
         evaluation["dense"] = evaluate(loaded, eval_stream, settings)
 
     start = time.perf_counter()
-    prune(loaded.model, targets, settings["method"], sparsity, windows, settings["blocksize"], settings["percdamp"])
+    checkpoints = out_path.with_name(out_path.name + ".checkpoints") if out_path is not None and rc else None
+    blocks = prune(loaded.model, targets, settings["method"], sparsity, windows, settings["blocksize"],
+                   settings["percdamp"], reconstruction=rc,
+                   **({"seed": settings["seed"], "checkpoint_dir": checkpoints,
+                       "identity": {k: settings[k] for k in IDENTITY}} if rc else {}))
     prune_seconds = time.perf_counter() - start
 
     if eval_stream is not None:
@@ -89,11 +103,28 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
                                                        "seqlen": settings["seqlen"], "seed": settings["seed"]},
         "model_kind": loaded.kind, "versions": output.versions(),
     }
+    if blocks is not None:
+        report["reconstruction"] = {**asdict(rc), "blocks": blocks,
+                                    "mean_error_before": sum(b["error_before"] for b in blocks) / len(blocks),
+                                    "mean_error_after": sum(b["error_after"] for b in blocks) / len(blocks)}
     if out_path is not None:
         probe = (windows[0] if windows is not None else torch.arange(32))[:64].unsqueeze(0)
         probe = probe.to(next(loaded.model.parameters()).device)
         output.publish(loaded, out_path, overwrite, settings, report, _card(report), list(targets), sparsity, probe)
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # published: the per-block states are no longer needed
     return report
+
+
+def _reconstruction(settings: dict, loaded) -> Reconstruction | None:
+    if not settings["reconstruct"]:
+        return None
+    from .train.budget import use_bf16
+
+    return Reconstruction(steps=settings["reconstruct_steps"], batch=settings["reconstruct_batch"],
+                          lr=settings["reconstruct_lr"], mask=settings["reconstruct_mask"],
+                          target=settings["reconstruct_target"],
+                          bf16=use_bf16("auto", next(loaded.model.parameters()).device))
 
 
 def bos_label(evaluation: dict) -> str:
@@ -111,6 +142,12 @@ def _card(report: dict) -> str:
     if report["calibration"]:
         c = report["calibration"]
         summary.append(f"Calibration: {c['windows']} windows of {c['seqlen']} tokens from `{c['data']}`, seed {c['seed']}.")
+    rec = report.get("reconstruction")
+    if rec:
+        summary.append(f"Then each block was trained for {rec['steps']} steps ({rec['batch']} windows each, lr "
+                       f"{rec['lr']:g}, {rec['mask']} masks) to reproduce the dense model's "
+                       f"{'activations' if rec['target'] == 'dense' else 'block outputs'}: relative output error "
+                       f"{rec['mean_error_before']:.3g} → {rec['mean_error_after']:.3g} (mean over blocks).")
     if report["skipped_layers"]:
         summary.append(f"Left dense (width not divisible by M): {', '.join(report['skipped_layers'])}.")
     results = {}

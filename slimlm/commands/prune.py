@@ -10,6 +10,18 @@ def add_arguments(p):
     p.add_argument("--skip-indivisible", action="store_true", help="leave layers whose input width is not divisible by M dense (they are reported)")
     p.add_argument("--dtype", default=oneshot.DEFAULTS["dtype"], choices=["float32", "bfloat16", "float16"])
     add_calibrated_job_arguments(p, "SparseGPT", oneshot.DEFAULTS)
+    d = oneshot.DEFAULTS
+    r = p.add_argument_group("block-wise reconstruction", "after the one-shot prune, train each block to reproduce "
+                             "the dense model's outputs on the calibration windows (resumable per block)")
+    r.add_argument("--reconstruct", action="store_true", help="turn it on")
+    r.add_argument("--reconstruct-steps", type=int, default=d["reconstruct_steps"], help="optimizer steps per block")
+    r.add_argument("--reconstruct-batch", type=int, default=d["reconstruct_batch"], help="calibration windows per step")
+    r.add_argument("--reconstruct-lr", type=float, default=d["reconstruct_lr"])
+    r.add_argument("--reconstruct-mask", default=d["reconstruct_mask"], choices=["fixed", "adaptive"],
+                   help="fixed: the one-shot mask; adaptive: AST's N:M refresh with decay of pruned weights")
+    r.add_argument("--reconstruct-target", default=d["reconstruct_target"], choices=["dense", "local"],
+                   help="dense: the dense model's activations (corrects earlier blocks' errors); local: the dense "
+                   "block on the compressed inputs")
 
 
 def run(args):

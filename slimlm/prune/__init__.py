@@ -9,28 +9,42 @@ from ..errors import SlimlmError
 from ..models import weight_matrix
 from ..ops.sparsity import Sparsity
 from .blockwise import InputStats, prune_blockwise
+from .reconstruct import Reconstruction, reconstruct
 from .scores import magnitude_mask, wanda_mask
 from .sparsegpt import sparsegpt_prune
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
-@torch.no_grad()
 def prune(model: nn.Module, targets: dict[str, nn.Module], method: str, sparsity: Sparsity,
           windows: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01,
-          input_norms: dict | None = None) -> None:
+          input_norms: dict | None = None, reconstruction: Reconstruction | None = None, **resume) -> list[dict] | None:
     """Prune the target layers of `model` in place. Wanda and SparseGPT need calibration windows.
-    `input_norms`: filled with each layer's ||x_j|| over the calibration tokens (calibrated methods)."""
+    `input_norms`: filled with each layer's ||x_j|| over the calibration tokens (calibrated methods).
+    `reconstruction`: then train each block to reproduce the dense outputs (prune/reconstruct.py; `resume`:
+    its seed, checkpoint_dir and identity); returns its per-block records."""
     if method not in METHODS:
         raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    if method == "magnitude":
-        for name, module in tqdm(targets.items(), desc="magnitude pruning", unit="layer"):
-            W = weight_matrix(module)
-            W.mul_(magnitude_mask(W, sparsity))
-        return
-    if windows is None:
-        raise SlimlmError(f"--method {method} needs calibration data (--calib)")
+    if reconstruction is not None:
+        if windows is None:
+            raise SlimlmError("reconstruction trains on calibration data: pass --calib")
+        prune_layer = _magnitude_layer(sparsity) if method == "magnitude" else _calibrated_layer(
+            method, sparsity, blocksize, percdamp, input_norms)
+        return reconstruct(model, targets, prune_layer, method == "sparsegpt", windows, sparsity, reconstruction, **resume)
+    with torch.no_grad():
+        _prune(model, targets, method, sparsity, windows, blocksize, percdamp, input_norms)
+    return None
 
+
+def _magnitude_layer(sparsity: Sparsity):
+    def prune_magnitude(name: str, module: nn.Module, stats: InputStats) -> None:
+        W = weight_matrix(module)
+        W.mul_(magnitude_mask(W, sparsity))
+    return prune_magnitude
+
+
+def _calibrated_layer(method: str, sparsity: Sparsity, blocksize: int, percdamp: float, input_norms: dict | None):
+    """prune_layer(name, module, stats) of Wanda or SparseGPT, from the layer's input statistics."""
     def prune_wanda(name: str, module: nn.Module, stats: InputStats) -> None:
         _keep_norms(input_norms, name, stats)
         W = weight_matrix(module)
@@ -45,10 +59,19 @@ def prune(model: nn.Module, targets: dict[str, nn.Module], method: str, sparsity
             raise SlimlmError(f"SparseGPT: the Hessian of '{name}' is not positive definite even after "
                               f"dampening by {percdamp}: raise --percdamp or use more calibration data") from None
 
-    if method == "wanda":
-        prune_blockwise(model, targets, windows, prune_wanda, hessian=False)
-    else:
-        prune_blockwise(model, targets, windows, prune_sparsegpt, hessian=True)
+    return prune_wanda if method == "wanda" else prune_sparsegpt
+
+
+def _prune(model, targets, method, sparsity, windows, blocksize, percdamp, input_norms) -> None:
+    if method == "magnitude":
+        prune_layer = _magnitude_layer(sparsity)
+        for name, module in tqdm(targets.items(), desc="magnitude pruning", unit="layer"):
+            prune_layer(name, module, None)
+        return
+    if windows is None:
+        raise SlimlmError(f"--method {method} needs calibration data (--calib)")
+    prune_blockwise(model, targets, windows, _calibrated_layer(method, sparsity, blocksize, percdamp, input_norms),
+                    hessian=method == "sparsegpt")
 
 
 def _keep_norms(input_norms: dict | None, name: str, stats: InputStats) -> None:

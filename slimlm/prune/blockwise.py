@@ -109,3 +109,23 @@ def prune_blockwise(model: nn.Module, targets: dict[str, nn.Module], windows: to
         for name, module in layers.items():
             prune_layer(name, module, stats.pop(name))
         hidden = [_run_block(block, h, a, k) for h, (_, a, k) in zip(hidden, inputs)]
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """One block's output hidden states for one window's captured inputs."""
+    return _run_block(block, hidden, args, kwargs)
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple], hessian: bool) -> dict:
+    """{layer name: InputStats} of the block's target layers over the windows' (hidden, args, kwargs)."""
+    device = next(block.parameters()).device
+    stats = {n: InputStats(weight_matrix(m).shape[1], hessian, device) for n, m in layers.items()}
+    handles = [m.register_forward_hook(lambda mod, args, out, s=stats[n]: s.add(args[0])) for n, m in layers.items()]
+    try:
+        for h, a, k in inputs:
+            _run_block(block, h, a, k)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
