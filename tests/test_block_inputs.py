@@ -113,3 +113,37 @@ def test_calibrated_pruning_on_alternating_layers(method):
     targets = find_targets(model)
     prune(model, targets, method, parse_sparsity("2:4"), windows(4))
     assert all(is_valid_nm(weight_matrix(m), 2, 4) for m in targets.values())
+
+
+class _TupleBlock(torch.nn.Module):
+    """A block as transformers < 5 wrote them: returns a tuple, takes a per-layer keyword argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden, scale=None):
+        return (self.linear(hidden) * scale, None)
+
+
+class _TupleModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = transformers.PretrainedConfig()
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.layers = torch.nn.ModuleList(_TupleBlock() for _ in range(3))
+
+    def forward(self, input_ids, **kwargs):
+        hidden = self.embed(input_ids)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, scale=torch.tensor(float(index + 1)))[0]
+        return hidden
+
+
+def test_blocks_that_return_tuples():
+    torch.manual_seed(0)
+    model = _TupleModel().eval()
+    batch = windows()
+    ours = blockwise_outputs(model, batch)
+    reference = full_model_block_outputs(model, batch)
+    assert all(torch.equal(w, g) for want, got in zip(reference, ours) for w, g in zip(want, got))
