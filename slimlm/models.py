@@ -153,7 +153,20 @@ def inspect_config(spec: str):
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
+    _refuse_unsupported(spec, config)
     return config, _model_class(config)[1]
+
+
+def _refuse_unsupported(spec: str, config) -> None:
+    """Encoder-decoder and image-text models (T5, BART, Whisper, Gemma-3 4B+, LLaVA...: *ForConditionalGeneration)
+    would load as a bare base model without their head, and their forward needs more than text windows."""
+    archs = getattr(config, "architectures", None) or []
+    odd = [a for a in archs if a.endswith("ForConditionalGeneration")]
+    if odd:
+        text_part = (" (its language model alone, saved with its text_config as a causal LM, is supported)"
+                     if getattr(config, "text_config", None) is not None else "")
+        raise SlimlmError(f"model '{spec}' is a {odd[0]} (encoder-decoder or image-text): slimlm compresses "
+                          f"decoder-only language models and text encoders{text_part}")
 
 
 def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[str] | None = None) -> LoadedModel:
@@ -323,7 +336,22 @@ def find_targets(model: nn.Module, include: list[str] | None = None,
             targets[name] = module
     if not targets:
         raise SlimlmError("no target layers matched: check the include/ignore patterns")
+    _refuse_shared_weights(model, targets)
     return targets
+
+
+def _refuse_shared_weights(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """A target whose weight is also another layer's (an LM head tied to the embeddings: Gemma, LLaMA-3.2,
+    GPT-2, OPT...) cannot be compressed alone: pruning or quantizing it would change that layer too."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rpartition(".")[0])
+    for names in owners.values():
+        inside = [n for n in names if n in targets]
+        outside = [n for n in names if n not in targets]
+        if inside and outside:
+            raise SlimlmError(f"layer '{inside[0]}' shares its weight with '{outside[0]}' (tied embeddings): "
+                              "compressing it would compress that one too: --ignore it")
 
 
 def _inside_lowrank(name: str, found: dict) -> bool:

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from conftest import build_model
+from slimlm.errors import SlimlmError
 from slimlm.models import find_targets, weight_matrix
 from slimlm.prune import prune
 from slimlm.prune.scores import magnitude_mask, wanda_mask
@@ -53,7 +54,11 @@ def test_targets_default_to_block_linears():
     assert set(n.split(".")[-1] for n in gpt2) == {"c_attn", "c_proj", "c_fc"}
     narrowed = find_targets(model, ignore=[r"self_attn"])
     assert len(narrowed) == 2 * 3
-    widened = find_targets(model, include=[r"^model\.layers\.", r"^lm_head$"])
+    with pytest.raises(SlimlmError, match="'lm_head' shares its weight with 'model.embed_tokens'"):
+        find_targets(model, include=[r"^model\.layers\.", r"^lm_head$"])  # tied: pruning it would prune both
+    model.config.tie_word_embeddings = False
+    untied = type(model)(model.config)
+    widened = find_targets(untied, include=[r"^model\.layers\.", r"^lm_head$"])
     assert "lm_head" in widened
 
 

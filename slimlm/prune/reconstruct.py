@@ -135,11 +135,6 @@ def _name_of(layers: dict, module) -> str:
     return next(name for name, m in layers.items() if m is module)
 
 
-@torch.no_grad()
-def _advance(block, inputs: list[tuple]) -> list[tuple]:
-    return [(run_block(block, h, a, k), a, k) for h, a, k in inputs]
-
-
 def reconstruct(model: nn.Module, targets: dict[str, nn.Module], prune_layer, hessian: bool, windows: torch.Tensor,
                 sparsity: Sparsity, rc: Reconstruction, seed: int = 0, checkpoint_dir: Path | None = None,
                 identity: dict | None = None) -> list[dict]:
@@ -154,31 +149,33 @@ def reconstruct(model: nn.Module, targets: dict[str, nn.Module], prune_layer, he
         raise SlimlmError(f"layer '{outside[0]}' is outside the transformer blocks ({prefix}): reconstruction "
                           "trains block by block; --ignore it")
     done = _resume(checkpoint_dir, identity)
-    sparse = capture_block_inputs(model, blocks[0], windows)
+    sparse, calls = capture_block_inputs(model, blocks, windows)  # hidden states per window; each block's arguments
     dense = list(sparse) if rc.target == "dense" else None
     records = list(done["records"])
     bar = tqdm(list(enumerate(blocks)), desc="reconstructing blocks", unit="block")
     for index, block in bar:
         layers = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{index}.")}
         start = time.perf_counter()
+        runs, calls[index] = calls[index], None  # this block's own arguments (masks, rotary tables), one per window
+        inputs = [(h, a, k) for h, (a, k) in zip(sparse, runs)]
         with torch.no_grad():
-            goal = [run_block(block, h, a, k) for h, a, k in (dense if dense is not None else sparse)]
+            goal = [run_block(block, h, a, k) for h, (a, k) in zip(dense if dense is not None else sparse, runs)]
         if index < done["blocks"]:  # finished by an earlier run: its weights, then on to the next block
             if layers:
                 block.load_state_dict(load_file(str(checkpoint_dir / f"block-{index}.safetensors")))
         elif layers:
-            stats = collect_stats(block, layers, sparse, hessian)
+            stats = collect_stats(block, layers, inputs, hessian)
             norms = {n: s.sq_norms.sqrt() for n, s in stats.items()}  # |W|*||x||, the adaptive refresh's score
             with torch.no_grad():
                 for name, module in layers.items():
                     prune_layer(name, module, stats.pop(name))
-            record = train_block(block, layers, sparse, goal, rc, sparsity, norms, seed + index)
+            record = train_block(block, layers, inputs, goal, rc, sparsity, norms, seed + index)
             records.append({"block": index, **record, "seconds": time.perf_counter() - start})
             bar.set_postfix(error=f"{record['error_before']:.3g}->{record['error_after']:.3g}")
             _save(checkpoint_dir, block, index, identity, records)
-        sparse = _advance(block, sparse)
-        if dense is not None:
-            dense = [(y, a, k) for y, (_, a, k) in zip(goal, dense)]
+        with torch.no_grad():
+            sparse = [run_block(block, h, a, k) for h, a, k in inputs]
+        dense = goal if dense is not None else None
     return records
 
 
