@@ -1,4 +1,5 @@
-"""The main job end to end, offline: dense -> Wanda 2:4 -> evaluate -> output folder."""
+"""The main job end to end, offline: dense -> one-shot 2:4 (Wanda) -> the same with block-wise
+reconstruction -> evaluate each -> the best model in the output folder."""
 from .. import oneshot
 
 
@@ -8,6 +9,7 @@ def add_arguments(p):
     p.add_argument("--sparsity", default="2:4")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--reconstruct-steps", type=int, default=8, help="reconstruction steps per block (0: skip it)")
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="slimlm-demo")
@@ -15,18 +17,26 @@ def add_arguments(p):
 
 
 def run(args):
-    settings = oneshot.resolve_settings(
-        model=args.model, method=args.method, sparsity=args.sparsity, calib="python-docs:train",
-        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval="python-docs:test",
-        eval_dense=True, eval_windows=args.eval_windows)
+    common = dict(model=args.model, method=args.method, sparsity=args.sparsity, calib="python-docs:train",
+                  nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval="python-docs:test",
+                  eval_windows=args.eval_windows)
     print(f"slimlm demo: {args.model}, {args.method} {args.sparsity}, calibration and evaluation on the "
           "Python documentation bundled with CPython (pydoc_data)")
-    report = oneshot.run(settings, args.output, args.overwrite)
-    dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
-    t = report["totals"]
-    rows = [("dense", dense["perplexity"], 0.0), (f"{args.method} {args.sparsity}", pruned["perplexity"], t["target_sparsity"])]
-    print(f"\n{'model':<16} {'perplexity':>10} {'sparsity':>9}")
-    for name, ppl, sp in rows:
-        print(f"{name:<16} {ppl:>10.2f} {sp:>9.1%}")
-    print(f"\n{pruned['windows']} windows x {pruned['seqlen']} tokens; pruning took {report['prune_seconds']:.0f}s")
-    print(f"saved to {args.output} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    reconstruct = args.reconstruct_steps > 0
+    one_shot = oneshot.run(oneshot.resolve_settings(**common, eval_dense=True),
+                           None if reconstruct else args.output, args.overwrite)
+    dense, pruned = one_shot["evaluation"]["dense"], one_shot["evaluation"]["pruned"]
+    rows = [("dense", dense["perplexity"], 0.0, None),
+            (f"{args.method} {args.sparsity}", pruned["perplexity"], one_shot["totals"]["target_sparsity"],
+             one_shot["prune_seconds"])]
+    if reconstruct:  # the one-shot mask, then every block trained to give back the dense outputs
+        rebuilt = oneshot.run(oneshot.resolve_settings(**common, reconstruct=True, reconstruct_steps=args.reconstruct_steps),
+                              args.output, args.overwrite)
+        rows.append((f"+ reconstruction", rebuilt["evaluation"]["pruned"]["perplexity"],
+                     rebuilt["totals"]["target_sparsity"], rebuilt["prune_seconds"]))
+    print(f"\n{'model':<18} {'perplexity':>10} {'sparsity':>9} {'time':>7}")
+    for name, ppl, sp, seconds in rows:
+        print(f"{name:<18} {ppl:>10.2f} {sp:>9.1%} {'' if seconds is None else f'{seconds:.0f}s':>7}")
+    print(f"\n{pruned['windows']} windows x {pruned['seqlen']} tokens of held-out text (lower is better)")
+    print(f"saved the {'reconstructed' if reconstruct else 'one-shot'} model to {args.output} "
+          "(loads with transformers.AutoModelForCausalLM.from_pretrained)")
