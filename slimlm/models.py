@@ -180,6 +180,20 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, kind=kind)
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer of a model slimlm accepts (built-in name, folder, .gguf file, hub id), weights not loaded."""
+    import transformers
+
+    location, gguf_file = resolve(spec)
+    config, _ = inspect_config(spec)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(location, config=config,
+                                                          **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SlimlmError(f"could not load the tokenizer of '{spec}': {first_line}") from None
+
+
 def _rebuild_lowrank(model: nn.Module, folder: Path, ranks: dict) -> nn.Module:
     """LPAF output: the layers named in config.slimlm_lowrank are LowRankLinear(rank) modules whose
     factors are in the checkpoint under NAME.down.weight / NAME.up.weight / NAME.up.bias. from_pretrained

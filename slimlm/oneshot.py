@@ -1,13 +1,19 @@
-"""The one-shot pruning job: load, select targets, calibrate, prune, evaluate, publish.
+"""One-shot pruning: `oneshot(model, ...)` on an in-memory model (the public `slimlm.oneshot`), and the
+job around it: load, calibrate, evaluate, prune with that same function, publish.
 
-Used by `slimlm prune`, `slimlm demo` and benchmarks/oneshot.py; settings are a plain dict so that
-they can be written back as YAML exactly as they were resolved.
+The job is used by `slimlm prune`, `slimlm demo` and benchmarks/oneshot.py; settings are a plain dict so
+that they can be written back as YAML exactly as they were resolved. The module itself is callable:
+`slimlm.oneshot(model, tokenizer, ...)` calls `oneshot` (see the end of the file).
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
+import types
 
 import torch
+from torch import nn
 
 from . import data, devices, models, output
 from .errors import SlimlmError
@@ -58,35 +64,31 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     loaded = models.load(settings["model"], settings["dtype"], settings["device"])
     if settings["calib"] or settings["eval"]:
         fit_windows(loaded, settings)
-    targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
-    targets, skipped = models.target_layers(loaded.model, targets, sparsity.m, settings["skip_indivisible"])
-
-    windows = None
+    # fail on unmatched or indivisible layers, then on the calibration data, before any evaluation
+    models.target_layers(loaded.model, models.find_targets(loaded.model, settings["include"], settings["ignore"]),
+                         sparsity.m, settings["skip_indivisible"])
+    windows = calibration = None
     if settings["method"] != "magnitude":
         if not settings["calib"]:
             raise SlimlmError(f"--method {settings['method']} needs calibration data: pass --calib")
-        calib = data.load_tokens(loaded.tokenizer, settings["calib"], split="train")
-        windows = data.calibration_windows(calib, settings["nsamples"], settings["seqlen"], settings["seed"])
+        windows, calibration = token_windows(loaded.model, loaded.tokenizer, settings["calib"], settings["nsamples"],
+                                             settings["seqlen"], settings["seed"])
 
     evaluation = {}
     eval_stream = data.load_tokens(loaded.tokenizer, settings["eval"]) if settings["eval"] else None
     if eval_stream is not None and settings["eval_dense"]:
         evaluation["dense"] = evaluate(loaded, eval_stream, settings)
 
-    start = time.perf_counter()
-    prune(loaded.model, targets, settings["method"], sparsity, windows, settings["blocksize"], settings["percdamp"])
-    prune_seconds = time.perf_counter() - start
+    keys = ("method", "sparsity", "include", "ignore", "skip_indivisible", "blocksize", "percdamp")
+    pruned, targets = _oneshot(loaded.model, calib=windows, **{k: settings[k] for k in keys})
+    pruned["calibration"] = calibration
 
     if eval_stream is not None:
         evaluation["pruned"] = evaluate(loaded, eval_stream, settings)
 
-    layers = layer_stats(targets, ranks=False)
     report = {
-        "command": "prune", "method": settings["method"], "sparsity": str(sparsity), "base_model": settings["model"],
-        "settings": settings, "prune_seconds": prune_seconds, "skipped_layers": skipped,
-        "totals": totals(loaded.model, targets), "layers": layers, "evaluation": evaluation,
-        "calibration": None if windows is None else {"data": settings["calib"], "windows": len(windows),
-                                                       "seqlen": settings["seqlen"], "seed": settings["seed"]},
+        "command": "prune", "method": settings["method"], "sparsity": pruned["sparsity"],
+        "base_model": settings["model"], "settings": settings, **pruned, "evaluation": evaluation,
         "model_kind": loaded.kind, "versions": output.versions(),
     }
     if out_path is not None:
@@ -94,6 +96,88 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
         probe = probe.to(next(loaded.model.parameters()).device)
         output.publish(loaded, out_path, overwrite, settings, report, _card(report), list(targets), sparsity, probe)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-memory API: slimlm.oneshot(model, ...), the one code path of `slimlm prune` as well
+
+def oneshot(model: nn.Module, tokenizer=None, method: str = "wanda", sparsity: str = "2:4", calib=None,
+            nsamples: int = 128, seqlen: int | None = None, seed: int = 0, include: list[str] | None = None,
+            ignore: list[str] | None = None, skip_indivisible: bool = False, blocksize: int = 128,
+            percdamp: float = 0.01) -> dict:
+    """Prune the target layers of an in-memory transformers model in place, as `slimlm prune` does.
+
+    method: "magnitude" (no data), "wanda" or "sparsegpt" (calibration data needed).
+    sparsity: "2:4", "4:8" (any N:M) or a fraction of pruned weights ("0.5").
+    calib: the calibration data of wanda/sparsegpt, one of
+      - a list of strings: joined with a blank line, tokenized once with `tokenizer`;
+      - a path or dataset spec, as `--calib` takes it (.txt, .jsonl, "name[:config[:split]]",
+        "python-docs:train"), tokenized with `tokenizer`;
+      - a 2-D LongTensor of token windows (windows, seqlen), used as given (nsamples, seqlen, seed unused).
+      From text, `nsamples` windows of `seqlen` tokens (default 2048, or the model's position table when
+      shorter) are drawn at random offsets with `seed`, as the SparseGPT/Wanda reference code draws them.
+    include, ignore: regexes over module names; by default every Linear (GPT-2: Conv1D) inside the
+      transformer blocks is a target, embeddings and the LM head stay dense.
+    skip_indivisible: leave layers whose input width is not divisible by M dense instead of failing.
+    blocksize, percdamp: SparseGPT's column block and Hessian dampening.
+
+    Returns the report: method, sparsity, prune_seconds, skipped_layers, totals (target layers,
+    parameters, non-zeros, sparsity), layers (per layer: name, shape, sparsity, 2:4/4:8 validity, stored
+    weights) and calibration (data, windows, seqlen, seed; None for magnitude). Given the same model,
+    data and seed, the weights are bitwise those that `slimlm prune` writes. Raises SlimlmError on bad input.
+    """
+    return _oneshot(model, tokenizer, method, sparsity, calib, nsamples, seqlen, seed, include, ignore,
+                    skip_indivisible, blocksize, percdamp)[0]
+
+
+def _oneshot(model, tokenizer=None, method="wanda", sparsity="2:4", calib=None, nsamples=128, seqlen=None, seed=0,
+             include=None, ignore=None, skip_indivisible=False, blocksize=128,
+             percdamp=0.01) -> tuple[dict, dict]:
+    """slimlm.oneshot, also returning the pruned target layers."""
+    pattern = parse_sparsity(sparsity)
+    if method not in METHODS:
+        raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    targets = models.find_targets(model, include, ignore)
+    targets, skipped = models.target_layers(model, targets, pattern.m, skip_indivisible)
+    windows, calibration = None, None
+    if method != "magnitude":
+        if calib is None or (isinstance(calib, (str, list, tuple)) and not calib):
+            raise SlimlmError(f"method '{method}' needs calibration data: pass calib= (texts, a data file or "
+                              "token windows), or use method='magnitude'")
+        windows, calibration = token_windows(model, tokenizer, calib, nsamples, seqlen, seed)
+    start = time.perf_counter()
+    prune(model, targets, method, pattern, windows, blocksize, percdamp)
+    report = {"method": method, "sparsity": str(pattern), "prune_seconds": time.perf_counter() - start,
+              "skipped_layers": skipped, "totals": totals(model, targets), "layers": layer_stats(targets, ranks=False),
+              "calibration": calibration}
+    return report, targets
+
+
+def token_windows(model: nn.Module, tokenizer, calib, nsamples: int = 128, seqlen: int | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """(windows, description) of calibration data given as slimlm.oneshot's `calib` (also used by
+    slimlm.factorize): texts, a data spec, or a 2-D tensor of token ids taken as it is."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.is_floating_point() or calib.is_complex():
+            raise SlimlmError(f"token windows must be a 2-D integer tensor (windows, seqlen), got "
+                              f"{calib.dtype} of shape {tuple(calib.shape)}")
+        return calib.long(), {"data": "token windows", "windows": calib.shape[0], "seqlen": calib.shape[1],
+                              "seed": None}
+    texts = isinstance(calib, (list, tuple)) and all(isinstance(t, str) for t in calib)
+    if not texts and not isinstance(calib, (str, os.PathLike)):
+        raise SlimlmError(f"calibration data must be a list of strings, a data file or dataset spec, or a 2-D "
+                          f"tensor of token ids, got {type(calib).__name__}")
+    if tokenizer is None:
+        raise SlimlmError("calibration text needs the model's tokenizer: pass tokenizer=")
+    seqlen = models.fit_seqlen(model.config, seqlen, "seqlen")
+    if texts:
+        source = f"{len(calib)} text{'s' * (len(calib) != 1)}"
+        stream = data.tokenize(tokenizer, "\n\n".join(calib), source)
+    else:
+        source = str(calib)
+        stream = data.load_tokens(tokenizer, source, split="train")
+    windows = data.calibration_windows(stream, nsamples, seqlen, seed)
+    return windows, {"data": source, "windows": len(windows), "seqlen": seqlen, "seed": seed}
 
 
 def _card(report: dict) -> str:
@@ -119,3 +203,15 @@ def _card(report: dict) -> str:
     tags = ["slimlm", "pruning", f"{report['method']}", f"sparsity-{report['sparsity'].replace(':', '-')}"]
     return output.model_card(f"{report['base_model']} — {report['method']} {report['sparsity']}",
                              report, summary, results, how, tags)
+
+
+class _CallableModule(types.ModuleType):
+    """`slimlm.oneshot` is this module (the `slimlm prune` job imports it as `oneshot`) and, called,
+    the function `oneshot` above: slimlm.oneshot(model, tokenizer, ...)."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return oneshot(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__wrapped__ = oneshot  # inspect.signature(slimlm.oneshot) shows the function's parameters
