@@ -79,8 +79,9 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     if eval_stream is not None and settings["eval_dense"]:
         evaluation["dense"] = evaluate(loaded, eval_stream, settings)
 
-    keys = ("method", "sparsity", "include", "ignore", "skip_indivisible", "blocksize", "percdamp")
-    pruned, targets = _oneshot(loaded.model, calib=windows, **{k: settings[k] for k in keys})
+    keys = ("method", "sparsity", "nsamples", "seqlen", "seed", "include", "ignore", "skip_indivisible", "blocksize",
+            "percdamp")
+    pruned, targets = _oneshot(loaded.model, loaded.tokenizer, calib=windows, **{k: settings[k] for k in keys})
     pruned["calibration"] = calibration
 
     if eval_stream is not None:
@@ -130,9 +131,8 @@ def oneshot(model: nn.Module, tokenizer=None, method: str = "wanda", sparsity: s
                     skip_indivisible, blocksize, percdamp)[0]
 
 
-def _oneshot(model, tokenizer=None, method="wanda", sparsity="2:4", calib=None, nsamples=128, seqlen=None, seed=0,
-             include=None, ignore=None, skip_indivisible=False, blocksize=128,
-             percdamp=0.01) -> tuple[dict, dict]:
+def _oneshot(model, tokenizer, method, sparsity, calib, nsamples, seqlen, seed, include, ignore, skip_indivisible,
+             blocksize, percdamp) -> tuple[dict, dict]:
     """slimlm.oneshot, also returning the pruned target layers."""
     pattern = parse_sparsity(sparsity)
     if method not in METHODS:
