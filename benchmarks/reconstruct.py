@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm import data, models, oneshot
+from slimlm import data, models, pruning
 from slimlm.eval.perplexity import perplexity
 from slimlm.recipe import resolve
 from slimlm.train.job import run as train_run
@@ -91,10 +91,10 @@ def main():
     for name, extra in prune_rows(args).items():
         if name in done or (wanted and name not in wanted):
             continue
-        settings = oneshot.resolve_settings(model=MODEL, calib=f"{args.data}/train.txt", nsamples=args.nsamples,
+        settings = pruning.resolve_settings(model=MODEL, calib=f"{args.data}/train.txt", nsamples=args.nsamples,
                                             seqlen=args.seqlen, seed=0, **extra)
         folder = runs / name
-        report = oneshot.run(settings, str(folder), overwrite=True)
+        report = pruning.run(settings, str(folder), overwrite=True)
         rec = report.get("reconstruction") or {}
         record({"method": name, "sparsity": report["sparsity"], "calib_tokens": calib_tokens, "train_tokens": 0,
                 "test_ppl": test_ppl(str(folder), test, args.test_windows), "seconds": report["prune_seconds"],

@@ -8,7 +8,7 @@ import argparse
 import sys
 import warnings
 
-from . import __version__
+from .version import __version__
 from .errors import SlimlmError
 
 # name -> one-line help (the command's description too); its module is slimlm/commands/<name>.py

@@ -223,11 +223,25 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
         if getattr(config, "slimlm_lowrank", None):
             model = _rebuild_lowrank(model, Path(location), config.slimlm_lowrank)
         if getattr(config, "slimlm_quant", None):
-            from .formats import quantized  # packed codes written by `slimlm quantize`
+            from .formats import quantized
 
             quantized.load_into(model, Path(location), config.slimlm_quant)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, kind=kind)
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a model slimlm accepts (built-in name, folder, .gguf file, hub id), weights not loaded."""
+    import transformers
+
+    location, gguf_file = resolve(spec)
+    config, _ = inspect_config(spec)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(location, config=config,
+                                                          **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SlimlmError(f"could not load the tokenizer of '{spec}': {first_line}") from None
 
 
 def _rebuild_lowrank(model: nn.Module, folder: Path, ranks: dict) -> nn.Module:

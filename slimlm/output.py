@@ -36,7 +36,7 @@ def check_output_dir(output: str, overwrite: bool) -> Path:
 def versions() -> dict:
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {"slimlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

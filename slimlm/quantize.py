@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import data, devices, models, oneshot, output
+from . import data, devices, models, output, pruning
 from .errors import SlimlmError
 from .formats import compressed_tensors
 from .formats.quantized import FILENAME, describe_group, group_size_of, pack, sizes
@@ -35,7 +35,7 @@ FORMATS = ("slimlm", "compressed-tensors")
 
 
 def resolve_settings(**given) -> dict:
-    return oneshot.resolve_settings(DEFAULTS, **given)
+    return pruning.resolve_settings(DEFAULTS, **given)
 
 
 def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) -> dict:
@@ -52,14 +52,14 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
     settings["device"] = devices.resolve(settings["device"], announce=True)
     loaded = models.load(settings["model"], device=settings["device"])
     if settings["calib"] or settings["eval"]:
-        oneshot.fit_windows(loaded, settings)
+        pruning.fit_windows(loaded, settings)
     targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     evaluation = {}
     eval_stream = data.load_tokens(loaded.tokenizer, settings["eval"]) if settings["eval"] else None
     if eval_stream is not None and settings["eval_dense"]:
-        evaluation["before"] = oneshot.evaluate(loaded, eval_stream, settings)
+        evaluation["before"] = pruning.evaluate(loaded, eval_stream, settings)
 
     @torch.no_grad()
     def quantize_layer(name, module, stats=None):
@@ -93,7 +93,7 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
             quantize_layer(name, module)
     seconds = time.perf_counter() - start
     if eval_stream is not None:
-        evaluation["quantized"] = oneshot.evaluate(loaded, eval_stream, settings)
+        evaluation["quantized"] = pruning.evaluate(loaded, eval_stream, settings)
 
     tensors, kinds = pack(layers, settings["bits"], group)
     report = {
@@ -139,7 +139,7 @@ def _card(report: dict) -> str:
                f"Target weights: {z['stored_bytes']:,} bytes stored (fp16 dense: {z['dense_fp16_bytes']:,}; "
                f"2:4 fp16: {z['sparse_24_fp16_bytes']:,}); layers packed as 2:4: "
                f"{sum(k == '2:4' for k in report['layers'].values())}."]
-    results = {f"perplexity ({k}, {v['data']}, {v['windows']}x{v['seqlen']}, {oneshot.bos_label(v)})": v["perplexity"]
+    results = {f"perplexity ({k}, {v['data']}, {v['windows']}x{v['seqlen']}, {pruning.bos_label(v)})": v["perplexity"]
                for k, v in report["evaluation"].items()}
     how = "import slimlm\nmodel = slimlm.load(\"PATH\")  # dequantizes the packed codes (quant.safetensors)"
     if s.get("format") == "compressed-tensors":

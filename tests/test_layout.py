@@ -4,7 +4,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "slimlm"
-JOBS = ("slimlm.oneshot", "slimlm.quantize", "slimlm.train", "slimlm.methods", "slimlm.commands", "slimlm.cli",
+JOBS = ("slimlm.pruning", "slimlm.quantize", "slimlm.train", "slimlm.methods", "slimlm.commands", "slimlm.cli",
         "slimlm.runtime.bench", "slimlm.report")
 
 

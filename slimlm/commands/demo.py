@@ -1,6 +1,6 @@
 """The main job end to end, offline: dense -> one-shot 2:4 (Wanda) -> the same with block-wise
 reconstruction -> evaluate each -> the best model in the output folder."""
-from .. import oneshot
+from .. import pruning
 
 
 def add_arguments(p):
@@ -23,14 +23,14 @@ def run(args):
     print(f"slimlm demo: {args.model}, {args.method} {args.sparsity}, calibration and evaluation on the "
           "Python documentation bundled with CPython (pydoc_data)")
     reconstruct = args.reconstruct_steps > 0
-    one_shot = oneshot.run(oneshot.resolve_settings(**common, eval_dense=True),
+    one_shot = pruning.run(pruning.resolve_settings(**common, eval_dense=True),
                            None if reconstruct else args.output, args.overwrite)
     dense, pruned = one_shot["evaluation"]["dense"], one_shot["evaluation"]["pruned"]
     rows = [("dense", dense["perplexity"], 0.0, None),
             (f"{args.method} {args.sparsity}", pruned["perplexity"], one_shot["totals"]["target_sparsity"],
              one_shot["prune_seconds"])]
     if reconstruct:  # the one-shot mask, then every block trained to give back the dense outputs
-        rebuilt = oneshot.run(oneshot.resolve_settings(**common, reconstruct=True, reconstruct_steps=args.reconstruct_steps),
+        rebuilt = pruning.run(pruning.resolve_settings(**common, reconstruct=True, reconstruct_steps=args.reconstruct_steps),
                               args.output, args.overwrite)
         rows.append((f"+ reconstruction", rebuilt["evaluation"]["pruned"]["perplexity"],
                      rebuilt["totals"]["target_sparsity"], rebuilt["prune_seconds"]))

@@ -28,11 +28,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import devices, models, oneshot, output
-from ..formats import quantized
-from . import kernels
+from .. import devices, models, output, pruning
 from ..errors import SlimlmError
-from ..ops.factorized import replace_module
+from . import kernels
+from .kernels import backend_summary, tensor_bytes, to_runnable
 
 DEFAULTS = {
     "model": None, "dense": None, "device": "auto", "dtype": None, "batch_sizes": [1, 4], "seqlens": [128],
@@ -42,7 +41,7 @@ DEFAULTS = {
 
 
 def resolve_settings(**given) -> dict:
-    settings = oneshot.resolve_settings(DEFAULTS, **given)
+    settings = pruning.resolve_settings(DEFAULTS, **given)
     if not settings["model"] or not settings["dense"]:
         raise SlimlmError("bench needs the compressed model and its dense reference: pass --model and --dense")
     for key in ("batch_sizes", "seqlens", "layer_batches"):
@@ -142,46 +141,10 @@ def clearly_slower(row: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 # the compressed model in runnable form
 
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers as held in memory (semi-structured: packed values + metadata)."""
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        parts = [getattr(t, a, None) for a in ("packed", "meta", "packed_t", "meta_t")]
-        parts = [p for p in parts if isinstance(p, torch.Tensor)]
-        total += sum(p.numel() * p.element_size() for p in parts) if parts else t.numel() * t.element_size()
-    return total
-
-
 def plan_layers(loaded, settings: dict) -> list[dict]:
     """Per target layer of the compressed model: name, (out, in), kind, runnable module, backend."""
-    targets = models.find_targets(loaded.model, settings["include"], settings["ignore"])
-    spec = getattr(loaded.model.config, "slimlm_quant", None)
-    codes = {}
-    if spec:
-        codes = quantized.read_codes(Path(models.resolve(settings["model"])[0]), spec)
-    plan = []
-    for name, module in targets.items():
-        weight = models.weight_matrix(module)
-        bits = {"bits": spec["bits"]} if name in codes else None
-        kind = kernels.layer_kind(module, bits)
-        group = quantized.group_size_of(spec["group_size"]) if bits else None
-        runnable, backend = kernels.runnable(name, module, kind, settings["sparse_kernel"], codes.get(name), group)
-        plan.append({"name": name, "shape": tuple(weight.shape), "kind": kind, "module": runnable, "backend": backend})
-    return plan
-
-
-def to_runnable(model: nn.Module, plan: list[dict]) -> nn.Module:
-    for layer in plan:
-        if layer["module"] is not model.get_submodule(layer["name"]):
-            replace_module(model, layer["name"], layer["module"])
-    return model
-
-
-def backend_summary(plan: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for layer in plan:
-        counts[layer["backend"]] = counts.get(layer["backend"], 0) + 1
-    return "; ".join(f"{n} layers: {b}" for b, n in counts.items())
+    return kernels.plan_layers(loaded.model, models.resolve(settings["model"])[0], settings["sparse_kernel"],
+                               settings["include"], settings["ignore"])
 
 
 # ---------------------------------------------------------------------------------------------

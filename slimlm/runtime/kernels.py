@@ -1,5 +1,6 @@
-"""Runnable forms of compressed layers for timing: each target layer of a compressed model becomes the
-fastest stock-PyTorch module that computes it, and says which kernel (backend) it uses.
+"""Runnable forms of compressed layers: each target layer of a compressed model becomes the fastest
+stock-PyTorch module that computes it, and says which kernel (backend) it uses. `slimlm bench` times
+them; `slimlm.load(path, runtime=True)` puts them in place.
 
 - 2:4 on CUDA: PyTorch's semi-structured sparse tensors (cuSPARSELt, or CUTLASS), fp16/bf16.
   On CPU PyTorch has no 2:4 kernel: the layer runs as a dense matmul over its stored zeros, and the
@@ -11,12 +12,14 @@ fastest stock-PyTorch module that computes it, and says which kernel (backend) i
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SlimlmError
-from ..ops.factorized import LowRankLinear, linear_view
+from ..ops.factorized import LowRankLinear, linear_view, replace_module
 from ..ops.sparsity import is_valid_nm
 
 SPARSE_KERNELS = ("auto", "semi-structured", "dense")
@@ -148,3 +151,58 @@ def runnable(name: str, module: nn.Module, kind: str, sparse_kernel: str, codes:
         why = "no 2:4 kernel on CPU in PyTorch" if device.type == "cpu" else "--sparse-kernel dense"
         return module, f"dense matmul over stored zeros ({why})"
     return module, "dense matmul"
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole model in runnable form
+
+def plan_layers(model: nn.Module, folder: str | Path, sparse_kernel: str = "auto", include: list[str] | None = None,
+                ignore: list[str] | None = None, fallback: bool = False) -> list[dict]:
+    """Per target layer of a compressed model loaded from `folder`: name, (out, in), kind, runnable module,
+    backend. `fallback`: a 2:4 layer that the semi-structured kernel refuses (no GPU, float32, a shape the
+    kernel does not take) stays as it is, the reason in its backend, instead of raising the SlimlmError."""
+    from .. import models
+    from ..formats import quantized
+
+    targets = models.find_targets(model, include, ignore)
+    spec = getattr(model.config, "slimlm_quant", None)
+    codes = quantized.read_codes(Path(folder), spec) if spec else {}
+    plan = []
+    for name, module in targets.items():
+        weight = models.weight_matrix(module)
+        bits = {"bits": spec["bits"]} if name in codes else None
+        kind = layer_kind(module, bits)
+        group = quantized.group_size_of(spec["group_size"]) if bits else None
+        try:
+            fast, backend = runnable(name, module, kind, sparse_kernel, codes.get(name), group)
+        except SlimlmError as err:
+            if not fallback:
+                raise
+            fast, backend = module, f"dense matmul, no 2:4 kernel: {str(err).removeprefix(name + ': ')}"
+        plan.append({"name": name, "shape": tuple(weight.shape), "kind": kind, "module": fast, "backend": backend})
+    return plan
+
+
+def to_runnable(model: nn.Module, plan: list[dict]) -> nn.Module:
+    """Put the plan's runnable modules in place (in the model itself)."""
+    for layer in plan:
+        if layer["module"] is not model.get_submodule(layer["name"]):
+            replace_module(model, layer["name"], layer["module"])
+    return model
+
+
+def backend_summary(plan: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for layer in plan:
+        counts[layer["backend"]] = counts.get(layer["backend"], 0) + 1
+    return "; ".join(f"{n} layers: {b}" for b, n in counts.items())
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers as held in memory (semi-structured: packed values + metadata)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        parts = [getattr(t, a, None) for a in ("packed", "meta", "packed_t", "meta_t")]
+        parts = [p for p in parts if isinstance(p, torch.Tensor)]
+        total += sum(p.numel() * p.element_size() for p in parts) if parts else t.numel() * t.element_size()
+    return total
