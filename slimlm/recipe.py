@@ -56,7 +56,9 @@ DEFAULTS = {
         # only): the lambda that shrinks a pruned weight by target_shrink by the last mask refresh
         "decay": {"mode": "decoupled", "lambda_max": "auto", "target_shrink": 0.5, "ramp_fraction": 0.25},
         # teacher_dtype auto: bfloat16 where training runs in bf16, else float32
-        "distill": {"enabled": True, "teacher": None, "alpha": 0.67, "temperature": 2.0, "kl": "forward", "teacher_dtype": "auto"},
+        "distill": {"enabled": True, "teacher": None, "alpha": 0.67, "temperature": 2.0, "kl": "forward", "teacher_dtype": "auto",
+                    # causal LMs: the loss over this many tokens at a time, logits never in full (0: all at once)
+                    "chunk_tokens": 256},
         "slorb": {"enabled": False, "group_size": 16, "init": "mean", "train_x": False},
         # movement and lpaf: the fraction of target-layer parameters kept (unstructured / low-rank budget)
         "keep": 0.5,
