@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     ap.add_argument("--steps", type=int, default=64, help="reconstruction steps per block")
     ap.add_argument("--batch", type=int, default=4, help="reconstruction windows per step")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--ast-steps", type=int, default=60, help="AST steps from each start (0: skip those rows)")
     ap.add_argument("--rows", default=None, help="comma-separated subset of the row names")
     ap.add_argument("--test-windows", type=int, default=None)

@@ -30,7 +30,7 @@ DEFAULTS = {
     "device": "auto", "blocksize": 128, "percdamp": 0.01, "eval": None, "eval_dense": False,
     "eval_seqlen": None, "eval_windows": None, "eval_bos": "auto",
     # block-wise reconstruction after the one-shot prune (prune/reconstruct.py)
-    "reconstruct": False, "reconstruct_steps": 64, "reconstruct_batch": 4, "reconstruct_lr": 1e-4,
+    "reconstruct": False, "reconstruct_steps": 64, "reconstruct_batch": 4, "reconstruct_lr": 5e-3,
     "reconstruct_mask": "fixed", "reconstruct_target": "dense",
 }
 IDENTITY = ("model", "method", "sparsity", "calib", "nsamples", "seqlen", "seed", "include", "ignore", "dtype",
