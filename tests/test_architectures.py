@@ -107,13 +107,19 @@ def test_wanda_then_int4(family, family_dirs, text_file, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("job", ["magnitude", "sparsegpt", "ast", "int8", "gptq"])
+@pytest.mark.parametrize("job", ["magnitude", "sparsegpt", "reconstruct", "ast", "int8", "gptq"])
 def test_matrix(family, job, family_dirs, text_file, tmp_path, capsys):
     folder, out = family_dirs(family), tmp_path / job
-    if job in ("magnitude", "sparsegpt"):
-        assert main(["prune", "--model", str(folder), "--method", job, "--calib", str(text_file), *CALIB,
+    if job in ("magnitude", "sparsegpt", "reconstruct"):
+        method = ["--method", "sparsegpt", "--reconstruct", "--reconstruct-steps", "8", "--reconstruct-batch", "2",
+                  "--reconstruct-lr", "1e-3"] if job == "reconstruct" else ["--method", job]
+        assert main(["prune", "--model", str(folder), *method, "--calib", str(text_file), *CALIB,
                      "--output", str(out)]) == 0
         check_plain(out, family)
+        if job == "reconstruct":
+            rec = report_of(out)["reconstruction"]
+            assert len(rec["blocks"]) == 2 and rec["mean_error_after"] <= rec["mean_error_before"]
+            assert any(b["kept"] == "trained" for b in rec["blocks"])
     elif job == "ast":
         rc = main(["train", "--recipe", "ast", "--output", str(out), "--model", str(folder),
                    f"data.train={text_file}", "data.seqlen=32", "train.batch_size=2", "train.steps=4",

@@ -113,3 +113,14 @@ def test_bad_reconstruction_settings_are_one_line_errors(model_dirs, text_file, 
     assert "--reconstruct-batch 4 is more than the 2 calibration windows" in capsys.readouterr().err
     with pytest.raises(SlimlmError, match="at least 1 step"):
         Reconstruction(steps=0).check(4)
+
+
+def test_a_block_that_trains_worse_keeps_its_one_shot_weights(tokenizer, text_file):
+    windows = windows_for(text_file, tokenizer)
+    sp = parse_sparsity("2:4")
+    one_shot, rebuilt = build_model("llama"), build_model("llama")
+    prune(one_shot, models.find_targets(one_shot), "wanda", sp, windows)
+    records = prune(rebuilt, models.find_targets(rebuilt), "wanda", sp, windows,
+                    reconstruction=Reconstruction(steps=4, batch=2, lr=10.0))  # far too large: training diverges
+    assert all(r["kept"] == "one-shot" and r["trained_error"] > r["error_before"] == r["error_after"] for r in records)
+    assert all(torch.equal(a, b) for a, b in zip(one_shot.state_dict().values(), rebuilt.state_dict().values()))

@@ -13,7 +13,9 @@ For block i (as in `blockwise.py`, only one block's activations are alive beside
    (`mask="adaptive"`: straight-through gradients, the N:M mask recomputed every Delta-t steps from
    |W|*||x|| with hysteresis, decoupled decay of pruned weights solved for a 50% shrink by the last
    refresh, no refresh in the last Delta-t steps);
-4. the masks are baked (exact zeros) and the block's new outputs feed block i + 1.
+4. the masks are baked (exact zeros) and the block's new outputs feed block i + 1. A block whose error on
+   the calibration windows came out higher than its one-shot start's (a learning rate too large for it)
+   goes back to the one-shot weights: reconstruction never returns a block worse than it found it.
 
 After each block its weights are saved to `checkpoint_dir` (if given); a killed run restarts after the
 last finished block, replaying the finished blocks on the calibration windows to rebuild the streams.
@@ -88,6 +90,7 @@ def train_block(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tup
 
     plan = _schedule(rc)
     adaptive = rc.mask == "adaptive" and sparsity.is_nm
+    start = {k: v.clone() for k, v in block.state_dict().items()}  # the one-shot block, kept if training does worse
     for module in layers.values():
         masked.attach_mask(module, masked.dense_weight(module).detach() != 0, ste=adaptive)
     params = [p for p in block.parameters()]
@@ -127,8 +130,11 @@ def train_block(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tup
         p.requires_grad_(flag)
     for module in layers.values():
         masked.bake_mask(module)
-    return {"error_before": before, "error_after": _relative_error(block, inputs, targets),
-            "mask_flip_rate": sum(flips) / len(flips) if flips else 0.0}
+    after = _relative_error(block, inputs, targets)
+    if after > before:  # a learning rate too large for this block: never publish it worse than one-shot
+        block.load_state_dict(start)
+    return {"error_before": before, "error_after": min(after, before), "trained_error": after,
+            "kept": "trained" if after <= before else "one-shot", "mask_flip_rate": sum(flips) / len(flips) if flips else 0.0}
 
 
 def _name_of(layers: dict, module) -> str:
