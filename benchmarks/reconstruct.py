@@ -56,6 +56,17 @@ def test_ppl(folder: str, test: str, windows: int | None) -> float:
     return perplexity(loaded.model, stream, 1024, max_windows=windows, bos="stream")["perplexity"]
 
 
+def table(rows: list[dict]) -> str:
+    lines = ["| row | sparsity | calibration tokens | training tokens | test perplexity (1024) | block error before → after | wall time |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        err = (f"{r['mean_error_before']:.4f} → {r['mean_error_after']:.4f}" if r.get("mean_error_before") is not None
+               else "—")
+        lines.append(f"| {r['method']} | {r['sparsity'] or 'dense'} | {r['calib_tokens']:,} | {r['train_tokens']:,} | "
+                     f"{r['test_ppl']:.2f} | {err} | {r['seconds'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data/sotu")
@@ -69,7 +80,10 @@ def main():
     ap.add_argument("--test-windows", type=int, default=None)
     ap.add_argument("--runs", default="runs/bench-reconstruct")
     ap.add_argument("--out", default="benchmarks/results/reconstruct")
+    ap.add_argument("--table", action="store_true", help="print OUT.json as the Markdown table of docs/benchmarks.md")
     args = ap.parse_args()
+    if args.table:
+        return print(table(json.loads(Path(args.out + ".json").read_text())))
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     results = Path(args.out + ".json")

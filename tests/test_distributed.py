@@ -123,7 +123,7 @@ SHARDED_MASKS = textwrap.dedent("""
     import torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from transformers.pytorch_utils import Conv1D
-    from slimlm import masked, sharded
+    from slimlm.ops import masked, sharded
     from slimlm.ops.sparsity import is_valid_nm
     from slimlm.train.distributed import _row_placements
 

@@ -33,9 +33,11 @@ def test_minilm_prunes_and_reloads(text_file, tmp_path):
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--nsamples", "2", "--seqlen", "128", "--eval-windows", "2"]) == 0
+    assert main(["demo", "--output", str(out), "--nsamples", "4", "--seqlen", "128", "--eval-windows", "2",
+                 "--reconstruct-steps", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "dense" in printed and "wanda 2:4" in printed
+    assert "dense" in printed and "wanda 2:4" in printed and "+ reconstruction" in printed
+    assert "saved the reconstructed model" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["evaluation"]["pruned"]["perplexity"] > report["evaluation"]["dense"]["perplexity"]
     assert all(layer["valid_2_4"] for layer in report["layers"])

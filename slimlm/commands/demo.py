@@ -23,16 +23,21 @@ def run(args):
     print(f"slimlm demo: {args.model}, {args.method} {args.sparsity}, calibration and evaluation on the "
           "Python documentation bundled with CPython (pydoc_data)")
     reconstruct = args.reconstruct_steps > 0
-    one_shot = pruning.run(pruning.resolve_settings(**common, eval_dense=True),
+    # the folder written last measures the dense model too, so its report holds both numbers
+    one_shot = pruning.run(pruning.resolve_settings(**common, eval_dense=not reconstruct),
                            None if reconstruct else args.output, args.overwrite)
-    dense, pruned = one_shot["evaluation"]["dense"], one_shot["evaluation"]["pruned"]
+    rebuilt = None
+    if reconstruct:  # the one-shot mask, then every block trained to give back the dense outputs
+        rebuilt = pruning.run(pruning.resolve_settings(**common, eval_dense=True, reconstruct=True,
+                                                       reconstruct_steps=args.reconstruct_steps,
+                                                       reconstruct_batch=min(4, args.nsamples)),
+                              args.output, args.overwrite)
+    dense, pruned = (rebuilt or one_shot)["evaluation"]["dense"], one_shot["evaluation"]["pruned"]
     rows = [("dense", dense["perplexity"], 0.0, None),
             (f"{args.method} {args.sparsity}", pruned["perplexity"], one_shot["totals"]["target_sparsity"],
              one_shot["prune_seconds"])]
-    if reconstruct:  # the one-shot mask, then every block trained to give back the dense outputs
-        rebuilt = pruning.run(pruning.resolve_settings(**common, reconstruct=True, reconstruct_steps=args.reconstruct_steps),
-                              args.output, args.overwrite)
-        rows.append((f"+ reconstruction", rebuilt["evaluation"]["pruned"]["perplexity"],
+    if rebuilt:
+        rows.append(("+ reconstruction", rebuilt["evaluation"]["pruned"]["perplexity"],
                      rebuilt["totals"]["target_sparsity"], rebuilt["prune_seconds"]))
     print(f"\n{'model':<18} {'perplexity':>10} {'sparsity':>9} {'time':>7}")
     for name, ppl, sp, seconds in rows:
