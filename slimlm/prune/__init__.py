@@ -18,11 +18,12 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 def prune(model: nn.Module, targets: dict[str, nn.Module], method: str, sparsity: Sparsity,
           windows: torch.Tensor | None = None, blocksize: int = 128, percdamp: float = 0.01,
-          input_norms: dict | None = None, reconstruction: Reconstruction | None = None, **resume) -> list[dict] | None:
+          input_norms: dict | None = None, reconstruction: Reconstruction | None = None,
+          **reconstruct_args) -> list[dict] | None:
     """Prune the target layers of `model` in place. Wanda and SparseGPT need calibration windows.
     `input_norms`: filled with each layer's ||x_j|| over the calibration tokens (calibrated methods).
-    `reconstruction`: then train each block to reproduce the dense outputs (prune/reconstruct.py; `resume`:
-    its seed, checkpoint_dir and identity); returns its per-block records."""
+    `reconstruction`: then train each block to reproduce the dense outputs (prune/reconstruct.py;
+    `reconstruct_args`: its seed, checkpoint_dir and identity); returns its per-block records."""
     if method not in METHODS:
         raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     if reconstruction is not None:
@@ -30,7 +31,7 @@ def prune(model: nn.Module, targets: dict[str, nn.Module], method: str, sparsity
             raise SlimlmError("reconstruction trains on calibration data: pass --calib")
         prune_layer = _magnitude_layer(sparsity) if method == "magnitude" else _calibrated_layer(
             method, sparsity, blocksize, percdamp, input_norms)
-        return reconstruct(model, targets, prune_layer, method == "sparsegpt", windows, sparsity, reconstruction, **resume)
+        return reconstruct(model, targets, prune_layer, method == "sparsegpt", windows, sparsity, reconstruction, **reconstruct_args)
     with torch.no_grad():
         _prune(model, targets, method, sparsity, windows, blocksize, percdamp, input_norms)
     return None

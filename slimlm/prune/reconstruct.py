@@ -70,21 +70,24 @@ def _schedule(rc: Reconstruction) -> dict:
     return {"train": train, "method": method}
 
 
-def _relative_error(block, layers_in, targets) -> float:
-    """sum ||block(x) - y||^2 / sum ||y||^2 over the calibration windows."""
-    err = norm = 0.0
+def _outputs_and_error(block, inputs, targets) -> tuple[list[torch.Tensor], float]:
+    """The block's outputs on the windows, and sum ||block(x) - y||^2 / sum ||y||^2 against `targets`."""
+    outputs, err, norm = [], 0.0, 0.0
     with torch.no_grad():
-        for (h, a, k), y in zip(layers_in, targets):
-            out = run_block(block, h, a, k).float()
-            err += float((out - y.float()).square().sum())
+        for (h, a, k), y in zip(inputs, targets):
+            out = run_block(block, h, a, k)
+            err += float((out.float() - y.float()).square().sum())
             norm += float(y.float().square().sum())
-    return err / max(norm, 1e-30)
+            outputs.append(out)
+    return outputs, err / max(norm, 1e-30)
 
 
 def train_block(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tuple], targets: list[torch.Tensor],
-                rc: Reconstruction, sparsity: Sparsity, input_norms: dict[str, torch.Tensor], seed: int) -> dict:
+                rc: Reconstruction, sparsity: Sparsity, input_norms: dict[str, torch.Tensor],
+                seed: int) -> tuple[dict, list[torch.Tensor]]:
     """Train one pruned block towards `targets` (its dense outputs); `inputs`: (hidden, args, kwargs) per
-    window. Returns the relative errors before and after and the mask flip rate."""
+    window. Returns the relative errors before and after and the mask flip rate, and the outputs of the
+    block as it is kept (what feeds the next block)."""
     from ..train import budget
     from ..train.optim import AdamW
 
@@ -104,7 +107,8 @@ def train_block(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tup
         ramp = budget.ramp_steps(plan["method"]["decay"], rc.steps)
         optimizer.set_decay({masked.dense_weight(m): (lambda m=m: masked.get_mask(m)) for m in layers.values()},
                             lambda: lam, "decoupled")
-    before = _relative_error(block, inputs, targets)
+    before_outputs, before = _outputs_and_error(block, inputs, targets)
+    scale = {module: input_norms.get(name) for name, module in layers.items()}
     order = torch.Generator().manual_seed(seed)
     flips = []
     device_type = targets[0].device.type
@@ -125,20 +129,18 @@ def train_block(block: nn.Module, layers: dict[str, nn.Module], inputs: list[tup
         if adaptive and budget.refreshes_at(plan["method"], rc.steps, step + 1):
             n, m = sparsity.n, sparsity.m
             flips.append(masked.refresh_masks(layers, lambda mod: masked.score_nm_mask(
-                mod, n, m, input_scale=input_norms.get(_name_of(layers, mod)), margin=0.05)))
+                mod, n, m, input_scale=scale[mod], margin=0.05)))
     for p, flag in zip(params, trainable):
         p.requires_grad_(flag)
     for module in layers.values():
         masked.bake_mask(module)
-    after = _relative_error(block, inputs, targets)
+    after_outputs, after = _outputs_and_error(block, inputs, targets)
     if after > before:  # a learning rate too large for this block: never publish it worse than one-shot
         block.load_state_dict(start)
-    return {"error_before": before, "error_after": min(after, before), "trained_error": after,
-            "kept": "trained" if after <= before else "one-shot", "mask_flip_rate": sum(flips) / len(flips) if flips else 0.0}
-
-
-def _name_of(layers: dict, module) -> str:
-    return next(name for name, m in layers.items() if m is module)
+    record = {"error_before": before, "error_after": min(after, before), "trained_error": after,
+              "kept": "trained" if after <= before else "one-shot",
+              "mask_flip_rate": sum(flips) / len(flips) if flips else 0.0}
+    return record, (after_outputs if after <= before else before_outputs)
 
 
 def reconstruct(model: nn.Module, targets: dict[str, nn.Module], prune_layer, hessian: bool, windows: torch.Tensor,
@@ -166,6 +168,7 @@ def reconstruct(model: nn.Module, targets: dict[str, nn.Module], prune_layer, he
         inputs = [(h, a, k) for h, (a, k) in zip(sparse, runs)]
         with torch.no_grad():
             goal = [run_block(block, h, a, k) for h, (a, k) in zip(dense if dense is not None else sparse, runs)]
+        outputs = None  # the block's outputs on the compressed inputs, when training computed them already
         if index < done["blocks"]:  # finished by an earlier run: its weights, then on to the next block
             if layers:
                 block.load_state_dict(load_file(str(checkpoint_dir / f"block-{index}.safetensors")))
@@ -175,12 +178,14 @@ def reconstruct(model: nn.Module, targets: dict[str, nn.Module], prune_layer, he
             with torch.no_grad():
                 for name, module in layers.items():
                     prune_layer(name, module, stats.pop(name))
-            record = train_block(block, layers, inputs, goal, rc, sparsity, norms, seed + index)
+            record, outputs = train_block(block, layers, inputs, goal, rc, sparsity, norms, seed + index)
             records.append({"block": index, **record, "seconds": time.perf_counter() - start})
             bar.set_postfix(error=f"{record['error_before']:.3g}->{record['error_after']:.3g}")
             _save(checkpoint_dir, block, index, identity, records)
-        with torch.no_grad():
-            sparse = [run_block(block, h, a, k) for h, a, k in inputs]
+        if outputs is None:
+            with torch.no_grad():
+                outputs = [run_block(block, h, a, k) for h, a, k in inputs]
+        sparse = outputs
         dense = goal if dense is not None else None
     return records
 

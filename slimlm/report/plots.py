@@ -87,13 +87,17 @@ def quality_figure(rows: list[dict], names: list[str]):
     return fig
 
 
-def plot_quality(rows: list[dict], names: list[str], path: Path) -> bool:
-    """Draw every run that has a score; False if there is nothing to draw."""
-    fig = quality_figure(rows, names)
+def _save_figure(fig, path: Path) -> bool:
+    """Save `fig` to `path`; False (nothing written) when there was nothing to draw."""
     if fig is None:
         return False
     save(fig, path)
     return True
+
+
+def plot_quality(rows: list[dict], names: list[str], path: Path) -> bool:
+    """Draw every run that has a score; False if there is nothing to draw."""
+    return _save_figure(quality_figure(rows, names), path)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -196,8 +200,4 @@ def curves_figure(rows: list[dict], names: list[str]):
 
 def plot_curves(rows: list[dict], names: list[str], path: Path) -> bool:
     """Training curves against training tokens for the runs that trained; False if none did."""
-    fig = curves_figure(rows, names)
-    if fig is None:
-        return False
-    save(fig, path)
-    return True
+    return _save_figure(curves_figure(rows, names), path)
