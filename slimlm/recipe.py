@@ -62,14 +62,16 @@ DEFAULTS = {
         "slorb": {"enabled": False, "group_size": 16, "init": "mean", "train_x": False},
         # movement and lpaf: the fraction of target-layer parameters kept (unstructured / low-rank budget)
         "keep": 0.5,
-        # movement pruning: keep falls from 1 to `keep` on a cubic schedule between start_fraction of
-        # training and the last hold_fraction; masks from scores every mask_interval steps
-        "movement": {"start_fraction": 0.1, "hold_fraction": 0.1, "mask_interval": 1, "ema": 0.0},
+        # first-order pruning: keep falls from 1 to `keep` on a cubic schedule that starts after the lr
+        # warm-up (and at least start_fraction of the steps) and ends before the last hold_fraction, where
+        # the mask is fixed; masks from scores (methods/movement.py) every mask_interval steps
+        "movement": {"score": "learned", "score_lr": 1.0e-2, "threshold": "matrix", "start_fraction": 0.1,
+                     "hold_fraction": 0.2, "mask_interval": 1, "beta1": 0.85, "beta2": 0.95, "uncertainty": True},
         # lpaf: prune (movement over prune_fraction of the steps, or none: factorize the dense weights),
         # factorize, then mixed-rank fine-tuning for the rest
         "lpaf": {"prune": "movement", "prune_fraction": 0.5, "factorization": "sparsity-aware", "svd_iters": 20,
-                 "pruned_weight": 0.0,
-                 "mixed": "probability", "mixed_fraction": 0.5, "fisher_batches": 8, "merge": False},
+                 "pruned_weight": 0.1,
+                 "mixed": "probability", "mixed_fraction": 0.5, "calib_batches": 8, "merge": False},
     },
 }
 
@@ -86,7 +88,9 @@ CHOICES = {
     "method.distill.teacher_dtype": ("auto", "float32", "bfloat16"),
     "method.slorb.init": ("mean", "random"),
     "method.lpaf.prune": ("movement", "none"),
-    "method.lpaf.factorization": ("svd", "fisher", "sparsity-aware"),
+    "method.lpaf.factorization": ("svd", "fisher", "sparsity-aware", "activation"),
+    "method.movement.score": ("learned", "sensitivity", "magnitude", "signed"),
+    "method.movement.threshold": ("matrix", "global"),
     "method.lpaf.mixed": ("probability", "rank", "none"),
 }
 
@@ -236,12 +240,12 @@ def _parse_override(item: str) -> dict:
 # numbers that must lie in a range: key -> (low, high, low inclusive)
 RANGES = {"method.keep": (0.0, 1.0, False), "method.lpaf.prune_fraction": (0.0, 1.0, True),
           "method.lpaf.mixed_fraction": (0.0, 1.0, True), "method.movement.start_fraction": (0.0, 1.0, True),
-          "method.movement.hold_fraction": (0.0, 1.0, True), "method.movement.ema": (0.0, 1.0, True),
+          "method.movement.hold_fraction": (0.0, 1.0, True), "method.movement.beta1": (0.0, 1.0, False), "method.movement.beta2": (0.0, 1.0, False),
           "method.lpaf.pruned_weight": (0.0, 1.0, True), "method.decay.target_shrink": (0.0, 1.0, False),
           "method.mask_interval_fraction": (0.0, 1.0, False), "train.warmup_fraction": (0.0, 1.0, True),
           "method.mask_margin": (0.0, math.inf, True), "method.mask_interval_min": (1, math.inf, True),
           "method.mask_interval": (1, math.inf, True), "train.warmup_steps": (0, math.inf, True),
-          "method.decay.lambda_max": (0.0, math.inf, True)}
+          "method.decay.lambda_max": (0.0, math.inf, True), "method.movement.score_lr": (0.0, math.inf, False)}
 
 
 def resolve(spec: str, overrides: list[str] | None = None) -> dict:

@@ -93,7 +93,8 @@ def test_fsdp_movement_on_conv1d_matches_one_process(model_dirs, text, tmp_path)
     """GPT-2's Conv1D stores (in, out): its weights are sharded along dim 1, its rows; movement scores
     are sharded like the weights and gathered for the top-k. Dropout off: under data parallelism each
     rank draws its own dropout masks, which one process cannot reproduce."""
-    args = overrides(model_dirs["gpt2"], text, "method.keep=0.5", "method.movement.mask_interval=2")
+    args = overrides(model_dirs["gpt2"], text, "method.keep=0.5", "method.movement.mask_interval=2",
+                     "method.movement.score=sensitivity")
     config = json.loads((model_dirs["gpt2"] / "config.json").read_text())
     nodrop = tmp_path / "gpt2-nodrop"
     nodrop.mkdir()

@@ -88,7 +88,7 @@ def test_movement_scores_follow_minus_w_times_grad_by_hand():
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
     model = nn.Sequential(layer)
-    rec = recipe.resolve("movement", ["method.distill.enabled=false", "method.movement.ema=0.0"])
+    rec = recipe.resolve("movement", ["method.distill.enabled=false", "method.movement.score=signed"])
     hooks = MovementPruning(rec, total_steps=10)
     hooks.targets = {"0": layer}
     masked.attach_mask(layer, torch.ones(2, 3, dtype=torch.bool), ste=True)
@@ -211,7 +211,7 @@ def test_lpaf_on_a_decoder_factorizes_the_dense_weights_with_fisher(model_dirs, 
     rec = recipe.resolve("lpaf", [f"model={model_dirs['llama']}", f"data.train={text}", f"data.valid={text}",
                                   "data.seqlen=32", "data.eval_windows=2", "train.batch_size=2", "train.steps=4",
                                   "train.eval_every=4", "method.lpaf.prune=none", "method.lpaf.factorization=fisher",
-                                  "method.lpaf.fisher_batches=2", "method.keep=0.5", "train.warmup_steps=1"])
+                                  "method.lpaf.calib_batches=2", "method.keep=0.5", "train.warmup_steps=1"])
     report = train_run(rec, str(tmp_path / "out"))
     assert report["validation_metric"] == "val_ppl" and report["final_val"] > 1
     assert report["reload_check"]["max_abs_output_diff"] == 0.0
@@ -239,7 +239,7 @@ def test_lpaf_resumed_in_its_fine_tuning_stage_ends_bitwise_equal(classifier, br
     from safetensors.torch import load_file
 
     rec = small("lpaf", classifier, brown, "train.save_every=3", "method.lpaf.factorization=fisher",
-                "method.lpaf.fisher_batches=2")
+                "method.lpaf.calib_batches=2")
     train_run(rec, str(tmp_path / "full"))
     train_run(rec, str(tmp_path / "part"))
     checkpoint = tmp_path / "part.checkpoints" / "finetune" / "checkpoint-3"

@@ -47,8 +47,40 @@ def fisher_information(model, targets: dict, batches: list[dict], loss_fn) -> di
 
 
 @torch.no_grad()
+def input_grams(model, targets: dict, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """X X^T of each target's inputs over the batches' tokens (in x in, float64): the second moments the
+    `activation` factorization fits the layer's output on. Padding positions are left out."""
+    grams = {name: torch.zeros(linear_view(m)[0].shape[1], linear_view(m)[0].shape[1], dtype=torch.float64)
+             for name, m in targets.items()}
+    keep: list[torch.Tensor | None] = [None]
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
+            if keep[0] is not None and keep[0].numel() == x.shape[0]:
+                x = x[keep[0]]
+            grams[name] += x.T @ x
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in targets.items()]
+    try:
+        was_training = model.training
+        model.eval()
+        for batch in batches:
+            attention = batch.get("attention_mask")
+            keep[0] = attention.reshape(-1).bool().cpu() if attention is not None else None
+            model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+@torch.no_grad()
 def factorize_targets(model, targets: dict, keep: float, method: str, iters: int,
-                      fisher: dict | None = None, pruned_weight: float = 0.0) -> dict[str, MixedRankLinear]:
+                      fisher: dict | None = None, pruned_weight: float = 0.0,
+                      grams: dict | None = None) -> dict[str, MixedRankLinear]:
     """Replace every target by a MixedRankLinear holding its (masked) weight and rank-r factors, with
     r from the parameter budget `keep`. A target pruned by movement brings its mask and scores."""
     layers = {}
@@ -62,7 +94,8 @@ def factorize_targets(model, targets: dict, keep: float, method: str, iters: int
             mask, scores = torch.ones_like(weight, dtype=torch.bool), None
         rank = rank_for_budget(weight.shape[0], weight.shape[1], keep)
         A, B = factorize(method, weight, rank, mask=mask, scores=scores,
-                         fisher=fisher[name] if fisher else None, iters=iters, pruned_weight=pruned_weight)
+                         fisher=fisher[name] if fisher else None, iters=iters, pruned_weight=pruned_weight,
+                         gram=grams[name] if grams else None)
         layer = MixedRankLinear(weight, mask, bias, LowRankLinear.from_factors(A, B, None))
         layer.original_type = type(module)  # what a merged export writes back
         replace_module(model, name, layer)
@@ -222,13 +255,17 @@ def lpaf_lowrank_stage(model, recipe: dict, teacher, targets: dict, train, valid
 def lpaf_factorize(model, recipe: dict, targets: dict, train) -> dict:
     """Replace the targets by mixed-rank layers initialised by the recipe's factorization."""
     lp = recipe["method"]["lpaf"]
-    fisher = None
-    if lp["factorization"] == "fisher":  # squared gradients of the task loss on seeded training batches
-        batches = sample_batches(as_dataset(train, recipe["data"]["seqlen"]), lp["fisher_batches"],
+    fisher = grams = None
+    if lp["factorization"] in ("fisher", "activation"):  # statistics on seeded training batches
+        batches = sample_batches(as_dataset(train, recipe["data"]["seqlen"]), lp["calib_batches"],
                                  recipe["train"]["batch_size"], recipe["seed"], next(model.parameters()).device)
-        fisher = fisher_information(model, targets, batches, lambda m, b: distill_loss(m, None, b, recipe["method"]["distill"]))
+        if lp["factorization"] == "fisher":  # squared gradients of the task loss
+            fisher = fisher_information(model, targets, batches,
+                                        lambda m, b: distill_loss(m, None, b, recipe["method"]["distill"]))
+        else:  # the inputs each layer sees in the (pruned) model
+            grams = input_grams(model, targets, batches)
     return factorize_targets(model, targets, recipe["method"]["keep"], lp["factorization"], lp["svd_iters"], fisher,
-                             lp["pruned_weight"])
+                             lp["pruned_weight"], grams)
 
 
 def lpaf_finetune(model, recipe: dict, teacher, layers: dict, train, valid, run_dir: Path, resume: str | None = None):

@@ -1,13 +1,25 @@
-"""Movement pruning (first-order, Sanh et al. 2020): LPAF's first stage, or a method of its own
-(recipe `movement`).
+"""First-order pruning (LPAF's first stage, or a method of its own: recipe `movement`).
 
-Every target weight W gets a mask (forward W * M) and a score S that accumulates -W * dL/dW' over the
-steps, where W' = W * M is what the forward used (the straight-through gradient reaches every entry,
-kept or not). The mask keeps the top `keep(t)` fraction of each matrix by score; keep(t) falls from 1
-to method.keep on the cubic schedule of METHODS.md. As in movement pruning, pruned weights get no
-gradient of their own (dL/dW = dL/dW' * M): they stay where they were while their score decides
-whether they come back. Scores and masks are buffers of the mask parametrization, so checkpoints
-carry them and resume needs nothing else.
+Every target weight W gets a mask (forward W' = W * M) and a score; the mask keeps the top `keep(t)`
+fraction of each matrix (`threshold: matrix`) or of all targets together (`global`) by score.
+`movement.score` picks the score (math in ops/first_order.py):
+
+- `learned` (movement pruning as practised, Sanh et al. 2020): S is a parameter trained by AdamW at its
+  own learning rate (`score_lr`, 1e-2 in the reference code: 100x the weights') through a
+  straight-through top-k, dL/dS = dL/dW' * W. Pruned weights get no gradient; their score can still
+  bring them back.
+- `sensitivity` (PLATON/PINS, from LPAF's authors): the EMA of |W' * dL/dW'| times its uncertainty
+  (EMA of the deviation), or the EMA alone (`uncertainty: false`). Pruned weights score 0 and stay out.
+- `magnitude`: |W'| (gradual magnitude pruning, Zhu & Gupta): the control that separates the schedule
+  from the criterion.
+- `signed`: the raw sum of -W * dL/dW' (our first implementation, kept for the comparison that showed
+  it pruning large weights on noise; see docs/benchmarks.md).
+
+Schedule, relative to the run (METHODS.md's cubic): keep(t) = 1 until pruning starts, at
+max(lr warm-up, start_fraction of the steps), so the weights can adapt before they are cut; falls
+cubically to `method.keep` at (1 - hold_fraction) of the steps; then the mask is fixed for the last
+`hold_fraction` (fine-tuning under the final mask). Scores and masks live in the mask parametrization
+(buffers, or parameters for learned scores), so checkpoints carry them and resume needs nothing else.
 """
 from __future__ import annotations
 
@@ -15,13 +27,19 @@ import torch
 
 from ..ops import masked, sharded
 from .. import models
+from ..errors import SlimlmError
+from ..ops.first_order import global_masks, sensitivity_score, update_sensitivity
 from ..ops.sparsity import layer_mask
+from ..train import budget, distributed
 from ..train.distill import make_teacher
 from ..train.schedules import cubic
 from .base import Method, register
 
+SCORES = ("learned", "sensitivity", "magnitude", "signed")
+
 
 def scores_of(module) -> torch.Tensor:
+    """The score the mask was last chosen by (learned: the parameter itself)."""
     return module.parametrizations.weight[0].scores
 
 
@@ -33,50 +51,102 @@ class MovementPruning(Method):
         super().__init__(recipe, tokenizer)
         self.mv = self.cfg["movement"]
         self.total_steps = total_steps or recipe["train"]["steps"]
+        T = self.total_steps
+        self.start = max(budget.warmup_steps({**recipe["train"], "steps": T}), int(self.mv["start_fraction"] * T))
+        self.end = max(self.start, T - int(self.mv["hold_fraction"] * T))  # last step whose refresh counts
 
     def setup(self, trainer) -> None:
         model = trainer.model
+        score = self.mv["score"]
+        if score == "learned" and distributed.uses_fsdp(self.recipe["parallel"]):
+            raise SlimlmError("method.movement.score=learned is not supported under FSDP (the scores are "
+                              "parameters of their own): use method.movement.score=sensitivity, or DDP")
         self.targets = models.find_targets(model, self.cfg["include"], self.cfg["ignore"])
         if self.cfg["distill"]["enabled"] and self.teacher is None:
             self.teacher = make_teacher(model, self.cfg["distill"], trainer.bf16)
         for module in self.targets.values():
             weight = masked.dense_weight(module)
-            masked.attach_mask(module, torch.ones_like(weight, dtype=torch.bool), ste=True)
-            module.parametrizations.weight[0].register_buffer("scores", torch.zeros_like(weight, dtype=torch.float32))
+            ones = torch.ones_like(weight, dtype=torch.bool)
+            zeros = torch.zeros_like(weight, dtype=torch.float32)
+            if score == "learned":  # equal scores: the first cut follows what training taught them
+                masked.attach_scored_mask(module, ones, zeros)
+                continue
+            masked.attach_mask(module, ones, ste=True)  # every entry's gradient, for its score
+            parametrization = module.parametrizations.weight[0]
+            parametrization.register_buffer("scores", zeros)
+            if score == "sensitivity":
+                parametrization.register_buffer("uncertainty", zeros.clone())
+
+    def configure_optimizer(self, optimizer) -> None:
+        """Learned scores: their own AdamW group, no weight decay, at score_lr (following the lr schedule)."""
+        if self.mv["score"] != "learned":
+            return
+        scores = [scores_of(m) for m in self.targets.values()]
+        ids = {id(s) for s in scores}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({"params": scores, "weight_decay": 0.0,
+                                   "lr_scale": self.mv["score_lr"] / self.recipe["train"]["lr"]})
 
     def keep_fraction(self, step: int) -> float:
-        T = self.total_steps
-        return cubic(step, T, 1.0, self.cfg["keep"], int(self.mv["start_fraction"] * T), int(self.mv["hold_fraction"] * T))
+        return cubic(step, self.total_steps, 1.0, self.cfg["keep"], self.start, self.total_steps - self.end)
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        ema = self.mv["ema"]
+        score = self.mv["score"]
+        if score == "learned":  # the optimizer moves the scores; the forward already masked W's gradient
+            return
         for module in self.targets.values():
             weight = masked.dense_weight(module)
             if weight.grad is None:
                 continue
-            movement = -(weight * weight.grad).float()
-            scores = scores_of(module)
-            if sharded.is_sharded(weight) and not sharded.is_sharded(scores):
-                # first step under FSDP: keep only this rank's rows of the scores, like its weight
-                scores = sharded.shard_like(scores, weight).clone()
-                module.parametrizations.weight[0].register_buffer("scores", scores)
-            if ema:
-                scores.mul_(ema).add_(movement, alpha=1 - ema)
-            else:
-                scores.add_(movement)
-            weight.grad.mul_(sharded.shard_like(masked.get_mask(module), weight.grad))
+            mask = sharded.shard_like(masked.get_mask(module), weight.grad)
+            parametrization = module.parametrizations.weight[0]
+            if sharded.is_sharded(weight) and not sharded.is_sharded(parametrization.scores):
+                # first step under FSDP: keep only this rank's rows of the score state, like its weight
+                for name in ("scores", "uncertainty"):
+                    if hasattr(parametrization, name):
+                        parametrization.register_buffer(name, sharded.shard_like(getattr(parametrization, name), weight).clone())
+            if score == "signed":
+                parametrization.scores.add_(-(weight * weight.grad).float())
+            elif score == "sensitivity":
+                update_sensitivity(parametrization.scores, parametrization.uncertainty, weight * mask, weight.grad,
+                                   self.mv["beta1"], self.mv["beta2"])
+            weight.grad.mul_(mask)  # pruned weights get no gradient of their own
+
+    def _ranking(self, module) -> torch.Tensor:
+        """The score to rank this matrix's entries by, whole (gathered under FSDP)."""
+        parametrization = module.parametrizations.weight[0]
+        score = self.mv["score"]
+        if score == "magnitude":
+            return sharded.full(masked.dense_weight(module).detach()).abs().float() * masked.get_mask(module)
+        if score == "sensitivity":
+            return sharded.full(sensitivity_score(parametrization.scores, parametrization.uncertainty,
+                                                  self.mv["uncertainty"]))
+        return sharded.full(parametrization.scores.detach())
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict:
         keep = self.keep_fraction(step)
         record = {"keep": keep}
-        if step % self.mv["mask_interval"] and step != self.total_steps:
+        # masks change from the start of pruning to its end, then stay fixed; before the start keep is 1
+        if step < self.start or step > self.end or (step % self.mv["mask_interval"] and step != self.end):
             return record
-        # the top-k is over the whole matrix: sharded scores are gathered (once per refresh)
-        record["mask_flip_rate"] = masked.refresh_masks(
-            self.targets, lambda m: layer_mask(sharded.full(scores_of(m)), 1.0 - keep))
+        ranking = {name: self._ranking(m) for name, m in self.targets.items()}
+        if self.mv["threshold"] == "global":
+            new = global_masks(ranking, keep)
+        else:
+            new = {name: layer_mask(r, 1.0 - keep) for name, r in ranking.items()}
+        if self.mv["score"] == "magnitude":  # what the mask was chosen by (LPAF's sparsity-aware SVD reads it)
+            for name, module in self.targets.items():
+                scores = module.parametrizations.weight[0].scores
+                scores.copy_(sharded.shard_like(ranking[name], scores))
+        record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: new[self._name_of[id(m)]])
         return record
+
+    @property
+    def _name_of(self) -> dict:
+        return {id(m): name for name, m in self.targets.items()}
 
     def export(self, model) -> dict:
         """Weights M * W with exact zeros (the masks of the last step)."""
@@ -86,5 +156,6 @@ class MovementPruning(Method):
         return {"keep": self.cfg["keep"]}
 
     def card_lines(self, report: dict) -> tuple[str, list[str]]:
-        return ("pruned by movement (unstructured)",
-                [f"first-order scores, cubic schedule to {self.cfg['keep']:.0%} of target weights kept"])
+        return (f"pruned by first-order scores ({self.mv['score']}, unstructured)",
+                [f"{self.mv['score']} scores, {self.mv['threshold']} threshold, cubic schedule to "
+                 f"{self.cfg['keep']:.0%} of target weights kept"])

@@ -1,5 +1,5 @@
 """Pure tensor math for low-rank factorization (LPAF stage 2): ranks from a parameter budget and
-three ways to factor a (pruned) weight matrix.
+four ways to factor a (pruned) weight matrix.
 
 Convention: W has shape (out, in); a rank-r factorization is A (out x r) and B (r x in), W ~= A @ B.
 Factors are "balanced" (A = U sqrt(S), B = sqrt(S) V^T), so neither carries all of the scale, and
@@ -15,7 +15,7 @@ import torch
 
 from ..errors import SlimlmError
 
-FACTORIZATIONS = ("svd", "fisher", "sparsity-aware")
+FACTORIZATIONS = ("svd", "fisher", "sparsity-aware", "activation")
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -75,6 +75,34 @@ def fisher_svd(W: torch.Tensor, fisher: torch.Tensor, rank: int) -> Factors:
     d = d.clamp(min=1e-6 * d.max())
     U, S, Vh = _svd_r(d[:, None] * W.detach().double(), rank)
     return _balanced(U / d[:, None], S, Vh, W.dtype)
+
+
+def activation_svd(W: torch.Tensor, gram: torch.Tensor, rank: int, damp: float = 0.01) -> Factors:
+    """Minimise the layer's output error on calibration inputs, ||(W - AB) X||_F (X: in x tokens),
+    given only gram = X X^T (in x in). With gram + damp * mean(diag) * I = L L^T (Cholesky), the error is
+    ||(W - AB) L||_F, so the truncated SVD of W L, mapped back by L^-1, is its exact minimiser (the
+    whitening of SVD-LLM). Plain SVD is the special case gram = I: it weighs every input direction
+    alike, however rarely the inputs use it. `damp` keeps directions no calibration token touched in
+    the fit (as GPTQ's dampening)."""
+    _check_rank(W, rank)
+    n = W.shape[1]
+    if gram.shape != (n, n):
+        raise ValueError(f"gram has shape {tuple(gram.shape)}, expected ({n}, {n}) for a weight of {n} inputs")
+    C = gram.detach().double()
+    C = C + damp * C.diagonal().mean().clamp(min=1e-12) * torch.eye(n, dtype=C.dtype, device=C.device)
+    L = torch.linalg.cholesky(C)
+    U, S, Vh = _svd_r(W.detach().double() @ L, rank)
+    root = S.sqrt()
+    B = torch.linalg.solve_triangular(L, root[:, None] * Vh, upper=False, left=False)  # (sqrt(S) Vh) L^-1
+    return (U * root).to(W.dtype), B.to(W.dtype)
+
+
+def output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gram: torch.Tensor) -> float:
+    """Relative output error of the factors against W on inputs with second moments `gram`:
+    ||(W - AB) X||^2 / ||W X||^2 = tr(R gram R^T) / tr(W gram W^T), R = W - AB."""
+    W64, C = W.detach().double(), gram.detach().double()
+    R = W64 - A.detach().double() @ B.detach().double()
+    return float(((R @ C) * R).sum() / ((W64 @ C) * W64).sum().clamp(min=1e-30))
 
 
 def weighted_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor) -> float:
@@ -161,7 +189,7 @@ def sparsity_aware_svd(W: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor
 
 def factorize(method: str, W: torch.Tensor, rank: int, mask: torch.Tensor | None = None,
               scores: torch.Tensor | None = None, fisher: torch.Tensor | None = None,
-              iters: int = 20, pruned_weight: float = 0.0) -> Factors:
+              iters: int = 20, pruned_weight: float = 0.0, gram: torch.Tensor | None = None) -> Factors:
     """Factor W (pruned by `mask` when one is given) with one of FACTORIZATIONS."""
     if method not in FACTORIZATIONS:
         raise SlimlmError(f"unknown factorization '{method}': choose one of {', '.join(FACTORIZATIONS)}")
@@ -173,6 +201,11 @@ def factorize(method: str, W: torch.Tensor, rank: int, mask: torch.Tensor | None
             raise SlimlmError("the 'fisher' factorization needs Fisher information (accumulated squared "
                               "gradients): run the pruning stage first or give calibration data")
         return fisher_svd(pruned, fisher, rank)
+    if method == "activation":
+        if gram is None:
+            raise SlimlmError("the 'activation' factorization needs the layer's input statistics (X X^T on "
+                              "calibration batches): give training data, or use 'svd'")
+        return activation_svd(pruned, gram, rank)
     if mask is None or scores is None:
         raise SlimlmError("the 'sparsity-aware' factorization needs the pruning mask and the importance "
                           "scores: run the pruning stage first, or use 'svd'")

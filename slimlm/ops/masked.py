@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import sharded
+from .first_order import masked_by_scores
 from .sparsity import nm_mask
 
 
@@ -36,6 +37,18 @@ class MaskedWeight(nn.Module):
         if self.ste:
             return _MaskSTE.apply(weight, self.mask)
         return weight * self.mask
+
+
+class ScoredMask(MaskedWeight):
+    """A mask chosen from learned scores (movement pruning): `scores` is a parameter the optimizer
+    trains through the straight-through top-k (ops/first_order.py); the mask is refreshed from it."""
+
+    def __init__(self, mask: torch.Tensor, scores: torch.Tensor):
+        super().__init__(mask, ste=False)
+        self.scores = nn.Parameter(scores.float())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return masked_by_scores(weight, self.scores, self.mask)
 
 
 def is_transposed(module: nn.Module) -> bool:
@@ -84,6 +97,10 @@ def score_nm_mask(module: nn.Module, n: int, m: int, input_scale: torch.Tensor |
 
 def attach_mask(module: nn.Module, mask: torch.Tensor, ste: bool) -> None:
     parametrize.register_parametrization(module, "weight", MaskedWeight(mask, ste), unsafe=True)
+
+
+def attach_scored_mask(module: nn.Module, mask: torch.Tensor, scores: torch.Tensor) -> None:
+    parametrize.register_parametrization(module, "weight", ScoredMask(mask, scores), unsafe=True)
 
 
 def is_masked(module: nn.Module) -> bool:

@@ -147,8 +147,8 @@ class Trainer:
         while self.step < stop:
             start = time.perf_counter()
             lr = budget.lr_at(cfg, self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group in self.optimizer.param_groups:  # a method's own group may run at a multiple (lr_scale)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             self.hooks.before_forward(self.step)
             sums: dict[str, float] = {}
             step_tokens = 0
