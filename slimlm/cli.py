@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"slimlm {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, (SlimlmError, OSError)) else 1
+    finally:
+        from .locks import release_all
+
+        release_all()
     return 0
 
 
