@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -57,7 +58,14 @@ def resolve(spec: str) -> tuple[str, str | None]:
         if not (path / "config.json").is_file():
             raise SlimlmError(f"{spec} is a folder but has no config.json: expected a Hugging Face model folder")
         return str(path), None
+    if path.exists():
+        raise SlimlmError(f"{spec} is not a model folder or a .gguf file")
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not spec.startswith((".", "/"))
+    owner = spec.split("/")[0]
+    if spec.startswith((".", "/", "~")) or (looks_like_hub_id and Path(owner).is_dir()):
+        # a path, not a hub id: say so now instead of asking the hub (its retries take half a minute)
+        why = f" (read as a path: a folder {owner}/ is here)" if looks_like_hub_id else ""
+        raise SlimlmError(f"model {spec} not found{why}: check the path")
     if not looks_like_hub_id:
         names = ", ".join(BUILTIN_MODELS)
         raise SlimlmError(f"unknown model '{spec}': not a built-in name ({names}), a model folder, "
@@ -148,6 +156,10 @@ def inspect_config(spec: str):
     import transformers
 
     location, gguf_file = resolve(spec)
+    if Path(location, "config.json").is_file() and not gguf_file:
+        with reading(Path(location, "config.json"), "model config", AGAIN):
+            if not isinstance(json.loads(Path(location, "config.json").read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
     try:
         config = (_slimlm_only_config(Path(location)) if Path(location, "config.json").is_file() and not gguf_file
                   else None) or \
@@ -183,6 +195,12 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
     device = resolve_device(device)
     location, gguf_file = resolve(spec)
     config, kind = inspect_config(spec)
+    quantization = getattr(config, "quantization_config", None) if not gguf_file else None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS"):
+        raise SlimlmError(f"{spec} is a compressed-tensors export (packed for vLLM): slimlm works on the folder "
+                          "`slimlm quantize` wrote without --format compressed-tensors; use that one, or serve this "
+                          "one with vLLM")
     cls = _model_class(config)[0]
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if labels is not None:

@@ -101,7 +101,7 @@ def prune_cmd(env, model, output, *extra):
 
 
 def calib_cmd(env, command, output, *extra, model=None):
-    head = ["prune", "--method", "wanda"] if command == "prune" else ["quantize", "--method", "rtn"]
+    head = ["prune", "--method", "wanda"] if command == "prune" else ["quantize", "--method", "rtn", "--group-size", "16"]
     return [*head, "--model", str(model or env.llama), "--calib", str(env.text), "--nsamples", "2", "--seqlen", "32",
             "--output", str(output), *extra]
 
@@ -232,6 +232,7 @@ def report_damage(name, damage, says):
 
 def compressed_tensors_inspect(env):
     o = env.tmp / "cases" / "ct-export"
+    o.parent.mkdir(exist_ok=True)
     if not o.exists():
         pytest.importorskip("compressed_tensors")
         assert main(calib_cmd(env, "quantize", o, "--format", "compressed-tensors")) == 0

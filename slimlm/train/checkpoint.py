@@ -17,7 +17,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .. import recipe as recipes
 from ..ops import sharded
-from ..errors import SlimlmError, reading
+from ..errors import SlimlmError, reading, writing
 from ..formats import weights
 from . import distributed
 
@@ -43,17 +43,29 @@ def save(trainer) -> Path:
         distributed.barrier()  # every rank has written before rank 0 renames
     if not distributed.is_main():
         return final
-    if not trainer.fsdp:
-        _save_full(trainer, tmp)
     state = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "recipe": trainer.recipe,
              "format": "dcp" if trainer.fsdp else "safetensors"}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        with writing(final):  # a full disk: one line, and no half-written checkpoint left behind
+            if not trainer.fsdp:
+                _save_full(trainer, tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     kept = sorted(trainer.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in kept[: -trainer.cfg["keep_checkpoints"]]:
         shutil.rmtree(old)
     return final
+
+
+def clean_leftovers(run_dir: Path) -> None:
+    """Checkpoint folders a killed run was writing (`.checkpoint-N.tmp`): never complete, removed."""
+    for leftover in sorted(Path(run_dir).glob(".checkpoint-*.tmp")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        print(f"removed {leftover}, a checkpoint an interrupted run did not finish")
 
 
 def _save_full(trainer, folder: Path) -> None:
@@ -163,7 +175,7 @@ def _load_full(trainer, path: Path) -> None:
             missing, unexpected = load_model(trainer.model, str(model_file), strict=False)
     if missing or unexpected:
         raise SlimlmError(f"checkpoint {path} does not match the model: "
-                          f"{(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
+                          f"{sorted(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
     tensors = weights.read(trainer_file)
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]  # the order of model.parameters()
     with reading(trainer_file, "optimizer state", OTHER):

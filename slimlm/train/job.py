@@ -15,7 +15,7 @@ import torch
 
 from .. import data, devices, methods, models, output
 from ..errors import SlimlmError
-from . import distributed
+from . import checkpoint, distributed
 from .plots import plot_curves
 
 
@@ -77,6 +77,8 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
         distributed.barrier()  # every rank has seen the old folder before rank 0 removes it
         if distributed.is_main():
             shutil.rmtree(run_dir)
+    if distributed.is_main():
+        checkpoint.clean_leftovers(run_dir)
     distributed.barrier()
     dense_params = {n: p.numel() for n, p in loaded.model.named_parameters()}
     name = recipe["method"]["name"]
