@@ -86,9 +86,20 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug_before = os.environ.get("SLIMLM_DEBUG")
     if "--debug" in argv:  # anywhere on the line: the flag is for the moment something goes wrong
         argv = [a for a in argv if a != "--debug"]
         os.environ["SLIMLM_DEBUG"] = "1"
+    try:
+        return _run(argv)
+    finally:  # main() called in-process (tests, scripts) leaves the environment as it found it
+        if debug_before is None:
+            os.environ.pop("SLIMLM_DEBUG", None)
+        else:
+            os.environ["SLIMLM_DEBUG"] = debug_before
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     # recipe overrides (key=value) may come after the options too: `train --recipe ast --output D steps=5`
