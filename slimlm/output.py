@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from . import locks
+from . import markdown as md
 from .ops import slorb
 from .errors import SlimlmError, write_failure, writing
 from .models import SLIMLM_MODEL_TYPE, SLIMLM_ONLY, LoadedModel, base_license, load, weight_matrix
@@ -213,7 +214,7 @@ def budget_line(report: dict) -> str:
         what = f"{tokens:,} training tokens"
     elif calib:
         what = (f"{tokens:,} calibration tokens ({calib['windows']} windows of {calib['seqlen']} from "
-                f"`{calib['data']}`, seed {calib['seed']})")
+                f"{md.code(calib['data'])}, seed {calib['seed']})")
     else:
         what = "no calibration data"
     v = report.get("versions", {})
@@ -233,10 +234,11 @@ def model_card(title: str, report: dict, summary: list[str], results: dict[str, 
         lines.append(f"license: {license}")
     if "/" in base_model and not Path(base_model).exists():
         lines.append(f"base_model: {base_model}")
-    lines += ["---", "", f"# {title}", "", *summary, ""]
+    lines += ["---", "", f"# {md.text(title)}", "", *summary, ""]
     if results:
         lines += ["| evaluation | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+        lines += [f"| {md.cell(k)} | {v:.4g} |" if isinstance(v, float) else f"| {md.cell(k)} | {md.cell(v)} |"
+                  for k, v in results.items()]
         lines.append("")
     lines += [budget_line(report), "",
               f"Licence: `{license}`, the base model's." if license else

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -436,6 +437,9 @@ CASES = {
     "prune-bad-include-regex": cli_setting("prune", "--include", "[", says=["include", "["]),
     "prune-bad-ignore-regex": cli_setting("prune", "--ignore", "(", says=["ignore", "("]),
     "prune-device-foo": cli_setting("prune", "--device", "foo", says=["foo"]),
+    "prune-device-cuda-without-gpu": lambda env: Case(calib_cmd(env, "prune", out(env, "cuda"), "--device", "cuda"),
+                                                      ["cuda"], out(env, "cuda"),
+                                                      patches=[(torch.cuda, "is_available", lambda: False)]),
     "prune-reconstruct-steps-0": cli_setting("prune", "--reconstruct", "--reconstruct-steps", "0",
                                              says=["--reconstruct-steps"]),
     "quantize-group-size-0": cli_setting("quantize", "--group-size", "0", says=["--group-size"]),
@@ -513,3 +517,106 @@ def test_bad_input_gets_one_clear_line(build, env, capsys, monkeypatch):
             for name, text in case.before.items():
                 assert (output / name if name else output).read_text() == text, f"{output} changed"
         assert hidden_leftovers(output) == [], "temporaries left beside the output"
+
+
+# -- what the table cannot show: interrupted runs, concurrent runs, divergence, escaping ----------------------
+
+def test_leftovers_of_killed_runs_are_cleaned_and_a_moved_aside_output_comes_back(env, capsys):
+    o = out(env, "leftovers")
+    (o.parent / f".{o.name}.tmp-abc123").mkdir()
+    (o.parent / f".{o.name}.tmp-abc123" / "model.safetensors").write_text("half")
+    (o.parent / f".{o.name}.staging-x1").mkdir()
+    assert main(prune_cmd(env, env.llama, o)) == 0
+    assert "left by an interrupted run" in capsys.readouterr().out
+    assert hidden_leftovers(o) == [] and (o / "report.json").is_file()
+    # killed between moving the old output aside and renaming the new one in: the old one comes back
+    o.rename(o.parent / f".{o.name}.old")
+    assert main(prune_cmd(env, env.llama, o)) == 2
+    captured = capsys.readouterr()
+    assert "restored" in captured.out and "already exists" in captured.err
+    assert (o / "report.json").is_file() and hidden_leftovers(o) == []
+
+
+def test_a_killed_checkpoint_write_is_removed_on_resume(env, capsys):
+    o = env.tmp / "cases" / "resume-leftover"
+    run = o.with_name(o.name + ".checkpoints")
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(env.ckpt, run / "checkpoint-1")
+    (run / ".checkpoint-2.tmp").mkdir()
+    assert main(resume_cmd(env, run / "checkpoint-1", o)) == 0
+    assert "did not finish" in capsys.readouterr().out and not (run / ".checkpoint-2.tmp").exists()
+
+
+def test_two_runs_cannot_write_one_output(env, capsys):
+    import subprocess
+    import sys
+
+    o = out(env, "locked")
+    lock = o.with_name(f".{o.name}.lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True)\n"
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(prune_cmd(env, env.llama, o, "--overwrite")) == 2
+        assert "another slimlm run (process 4242) is writing" in capsys.readouterr().err
+        assert main(train_cmd(env, o)) == 2  # the checkpoint folder OUTPUT.checkpoints is the same run's
+        assert "another slimlm run" in capsys.readouterr().err
+        assert not o.exists() and not o.with_name(o.name + ".checkpoints").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert main(prune_cmd(env, env.llama, o)) == 0  # released with its process
+    assert not lock.exists()
+
+
+def test_nan_gradients_with_a_finite_loss_stop_before_the_step_and_the_advice_works(env, capsys, monkeypatch):
+    """Step 2's gradients are NaN while its loss is finite (as with a huge lr or eps=0): the run stops
+    before stepping on them, names checkpoint-1 (finite) as the last good one, and resuming from it
+    with the lower train.lr it suggests is allowed."""
+    o = env.tmp / "cases" / "nan"
+    shutil.rmtree(o.with_name("nan.checkpoints"), ignore_errors=True)
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def poisoned(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) == 2:
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    args = train_cmd(env, o, "train.save_every=1", "train.steps=3", "train.lr=0.001")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    run = o.with_name("nan.checkpoints")
+    assert "diverged at step 2" in err and "gradients" in err and "checkpoint-1" in err, err
+    assert f"--resume {run / 'checkpoint-1'} train.lr=0.0001" in err
+    assert not (run / "checkpoint-2").exists() and not o.exists()
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(run / "checkpoint-1" / "model.safetensors")).values())
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    resume = [a for a in args if a != "train.lr=0.001"] + ["train.lr=0.0001", "--resume", str(run / "checkpoint-1")]
+    assert main(resume) == 0
+    assert "resuming with train.lr=0.0001 (the checkpoint was trained with 0.001)" in capsys.readouterr().out
+    assert json.loads((o / "report.json").read_text())["steps"] == 3
+
+
+def test_user_strings_are_escaped_in_model_cards_and_reports(env, tmp_path):
+    calib = write_text(tmp_path / "we|ird`name.txt", env.text.read_text())
+    o = tmp_path / "run|<b>x"
+    assert main(["prune", "--model", str(env.llama), "--method", "wanda", "--calib", str(calib), "--nsamples", "2",
+                 "--seqlen", "32", "--output", str(o)]) == 0
+    card = (o / "README.md").read_text()
+    assert "we\\|ird`name.txt" in card and "`` " in card  # a code span that holds the backtick and the pipe
+    page = tmp_path / "r.md"
+    assert main(["report", str(o), str(env.pruned), "--output", str(page)]) == 0
+    text = page.read_text()
+    assert "<b>" not in text.split("## Runs")[0]  # in the table: escaped, never markup
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    cells = {len([c for c in re.split(r"(?<!\\)\|", row)]) for row in rows}
+    assert len(cells) == 1, rows  # every row has as many cells as the header

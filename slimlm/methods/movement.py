@@ -38,7 +38,7 @@ class MovementPruning(Method):
         model = trainer.model
         self.targets = models.find_targets(model, self.cfg["include"], self.cfg["ignore"])
         if self.cfg["distill"]["enabled"] and self.teacher is None:
-            self.teacher = make_teacher(model, self.cfg["distill"], trainer.bf16)
+            self.teacher = make_teacher(model, self.cfg["distill"], trainer.bf16, self.tokenizer)
         for module in self.targets.values():
             weight = masked.dense_weight(module)
             masked.attach_mask(module, torch.ones_like(weight, dtype=torch.bool), ste=True)

@@ -156,16 +156,16 @@ def _details(report: dict) -> str:
     if "recipe" in report:
         r = report["recipe"]
         m = r["method"]
-        parts = [f"trained on `{r['data']['train']}`", f"{report.get('steps')} steps", f"lr {r['train']['lr']:g}",
+        parts = [f"trained on {md.code(r['data']['train'])}", f"{report.get('steps')} steps", f"lr {r['train']['lr']:g}",
                  f"seed {r['seed']}"]
         if report.get("sparsity"):
-            parts.append(f"masks {m['mask_update']}, init {m['init']}")
+            parts.append(f"masks {md.text(m['mask_update'])}, init {md.text(m['init'])}")
         if m.get("distill", {}).get("enabled") and report.get("method") != "finetune":
             parts.append(f"distillation α={m['distill']['alpha']}")
         return ", ".join(parts)
     calib = report.get("calibration")
     if calib:
-        return f"calibration: {calib['windows']}×{calib['seqlen']} tokens of `{calib['data']}`, seed {calib['seed']}"
+        return f"calibration: {calib['windows']}×{calib['seqlen']} tokens of {md.code(calib['data'])}, seed {calib['seed']}"
     return "no calibration data"
 
 
@@ -281,7 +281,7 @@ def render(rows: list[dict], names: list[str], plots: dict[str, str], shared: st
     for caption, png in plots.items():
         lines += ["", f"## {caption}", "", f"![{caption}]({png})"]
     lines += ["", "## Runs", ""]
-    lines += [f"- **{md.text(n)}** ({md.code(r['path'])}): {md.text(r['details'])}." for n, r in zip(names, rows)]
+    lines += [f"- **{md.text(n)}** ({md.code(r['path'])}): {r['details']}." for n, r in zip(names, rows)]
     return "\n".join(lines) + "\n"
 
 

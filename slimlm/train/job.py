@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import data, devices, methods, models, output
+from .. import markdown as md
 from ..errors import SlimlmError
 from . import checkpoint, distributed
 from .plots import plot_curves
@@ -149,11 +150,11 @@ def _card(report: dict, method: methods.Method) -> str:
     m = r["method"]
     what, parts = method.card_lines(report)
     if method.teacher is not None:
-        parts.append(f"distillation from {m['distill']['teacher'] or 'the dense starting model'} "
+        parts.append(f"distillation from {md.code(m['distill']['teacher']) if m['distill']['teacher'] else 'the dense starting model'} "
                      f"(α={m['distill']['alpha']}, T={m['distill']['temperature']})")
     p = report["parameters"]
-    summary = [f"`{report['base_model']}` {what} with slimlm's **{name}** recipe: {'; '.join(parts)}.",
-               f"Training: {report['steps']} steps, {report['tokens_seen']:,} tokens of `{r['data']['train']}` "
+    summary = [f"{md.code(report['base_model'])} {what} with slimlm's **{name}** recipe: {'; '.join(parts)}.",
+               f"Training: {report['steps']} steps, {report['tokens_seen']:,} tokens of {md.code(r['data']['train'])} "
                f"(lr {r['train']['lr']:g}, seed {r['seed']})."]
     if p["targets"]:
         summary.append(f"Target layers keep {p['target_kept']:,} of {p['target_dense']:,} parameters "
