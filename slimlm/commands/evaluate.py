@@ -14,7 +14,8 @@ def add_arguments(p):
                    "for a classifier, .jsonl with 'text' and 'label'")
     p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (boolq,rte,hellaswag,...; groups, "
                    "tags or task YAML files too); needs pip install 'slimlm[eval]'")
-    p.add_argument("--include-path", action="append", help="folder of custom lm-eval task YAML (repeatable)")
+    p.add_argument("--include-path", action="append", help="folder of custom lm-eval task YAML (repeatable); "
+                   "its tasks can run Python code: give only folders you trust")
     p.add_argument("--limit", type=number(0, above=True, integer=False), help="tasks: at most this many examples per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=number(0), help="tasks: examples in the prompt (default: the task's own, else 0)")
     p.add_argument("--seed", type=int, default=0, help="tasks: seed for few-shot sampling")
