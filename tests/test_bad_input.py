@@ -222,6 +222,19 @@ def foreign_trainer(ckpt, env):
     save_file({"optim.0.exp_avg": torch.zeros(3)}, str(ckpt / "trainer.safetensors"))
 
 
+def teacher_with_another_tokenizer(env):
+    """As many tokens as the student, numbered differently: two ids swapped."""
+    folder = copy_of(env, env.llama, "teacher-other-tokenizer")
+    def swap(t):
+        vocab = t["model"]["vocab"]
+        a, b = sorted(vocab, key=vocab.get)[100:102]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+    edit_json(folder / "tokenizer.json", swap)
+    o = out(env, "teacher-tok")
+    argv = [a for a in train_cmd(env, o) if a != "method.distill.enabled=false"]
+    return Case(argv + ["method.distill.enabled=true", f"method.distill.teacher={folder}"], ["teacher", "tokenizer"], o)
+
+
 def report_damage(name, damage, says):
     def build(env):
         folder = copy_of(env, env.pruned, f"report-{name}")
@@ -416,6 +429,7 @@ CASES = {
     "report-metrics-wrong-shape": report_damage(
         "metrics-shape", lambda f: (f / "metrics.jsonl").write_text('[1]\n"x"\n'), ["metrics.jsonl"]),
     "inspect-compressed-tensors": compressed_tensors_inspect,
+    "teacher-with-another-tokenizer": teacher_with_another_tokenizer,
     # data
     "jsonl-text-missing": jsonl("nofield", b'{"body": "x"}\n', ["line 1"]),
     "jsonl-text-number": pytest.param(jsonl("number", b'{"text": 5}\n', ["line 1"]), marks=DATA_XFAIL),
