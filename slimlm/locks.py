@@ -5,6 +5,7 @@ flock locks belong to the open file, so a killed run's lock is released by the k
 removed when the command ends. Under torchrun only rank 0 locks (every rank works for one run)."""
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 from pathlib import Path
@@ -18,13 +19,14 @@ def lock_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.lock")
 
 
-def claim(output: Path) -> None:
-    """Hold the lock of `output` for this process, or say which run holds it."""
+def claim(output: Path) -> bool:
+    """Hold the lock of `output` for this process, or say which run holds it. False on the ranks
+    other than 0 under torchrun (rank 0 holds it for the run)."""
     if os.environ.get("RANK", "0") != "0":
-        return
+        return False
     path = lock_path(Path(output).absolute())
     if path in _held:
-        return
+        return True
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -43,7 +45,10 @@ def claim(output: Path) -> None:
         os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    if not _held:  # jobs called from Python (not the command line) release at exit
+        atexit.register(release_all)
     _held[path] = fd
+    return True
 
 
 def release_all() -> None:

@@ -46,8 +46,8 @@ def check_output_dir(output: str, overwrite: bool) -> Path:
                           "--overwrite replaces only folders slimlm wrote; choose another --output")
     if not path.parent.is_dir():
         raise SlimlmError(f"parent folder of {output} does not exist: create it first or choose another --output")
-    locks.claim(path)
-    clean_leftovers(path)
+    if locks.claim(path):  # the run that holds the lock cleans up after the one that held it before
+        clean_leftovers(path)
     return path
 
 

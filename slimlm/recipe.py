@@ -264,7 +264,7 @@ RANGES = {"method.keep": (0.0, 1.0, False), "method.lpaf.prune_fraction": (0.0, 
           "train.min_lr_ratio": (0.0, 1.0, True), "train.weight_decay": (0.0, math.inf, True),
           "train.grad_clip": (0.0, math.inf, True), "method.distill.alpha": (0.0, 1.0, True),
           "method.distill.temperature": (0.0, math.inf, False), "method.gradual_fraction": (0.0, 1.0, True),
-          "method.decay.ramp_fraction": (0.0, 1.0, True)}
+          "method.decay.ramp_fraction": (0.0, math.inf, True)}  # past 1: warned (budget.py)
 
 
 def resolve(spec: str, overrides: list[str] | None = None) -> dict:
