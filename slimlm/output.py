@@ -21,7 +21,7 @@ import yaml
 from . import locks
 from . import markdown as md
 from .ops import slorb
-from .errors import SlimlmError, write_failure, writing
+from .errors import SlimlmError, reading, write_failure, writing
 from .models import SLIMLM_MODEL_TYPE, SLIMLM_ONLY, LoadedModel, base_license, load, weight_matrix
 from .ops.sparsity import Sparsity, is_valid_nm
 
@@ -284,7 +284,7 @@ def task_section(tasks: dict) -> str:
 
     for task, r in sorted(tasks.items()):
         for metric, value, err in scores(r):
-            lines.append(f"| {task} | {metric} | {value:.4f} | {'—' if err is None else f'{err:.4f}'} | "
+            lines.append(f"| {md.cell(task)} | {md.cell(metric)} | {value:.4f} | {'—' if err is None else f'{err:.4f}'} | "
                          f"{r['samples']} | {r['num_fewshot']} | {r['date'][:10]} |")
     return "\n".join(lines + ["", TASKS_END])
 
@@ -294,6 +294,16 @@ def perplexity_key(result: dict) -> str:
     return f"{result['data']}|{result['seqlen']}|{result['windows']}|{result.get('bos', 'stream')}"
 
 
+def read_report(folder: Path) -> dict:
+    """The report.json of a finished folder, to merge new results into."""
+    path = folder / "report.json"
+    with reading(path, "run report", "pass --no-report to leave it alone, or write the folder again"):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(report, dict):
+            raise ValueError("not a JSON object")
+    return report
+
+
 def record_perplexity(folder: Path, result: dict) -> None:
     """Merge a `slimlm eval --data` result into a finished folder's report.json under `slimlm_eval`
     (one entry per data/windows/BOS protocol; a re-run replaces it), so `slimlm report` can compare
@@ -301,7 +311,7 @@ def record_perplexity(folder: Path, result: dict) -> None:
     import datetime
 
     folder = Path(folder)
-    report = json.loads((folder / "report.json").read_text())
+    report = read_report(folder)
     entry = {k: v for k, v in result.items() if k != "model"} | {"date": datetime.date.today().isoformat()}
     report["slimlm_eval"] = {**report.get("slimlm_eval", {}), perplexity_key(result): entry}
     _replace_file(folder / "report.json", json.dumps(report, indent=2))
@@ -311,7 +321,7 @@ def record_task_scores(folder: Path, tasks: dict) -> None:
     """Merge lm-eval scores into an output folder: report.json under `lm_eval` (one entry per task,
     a re-run replaces it) and the model card's score table (kept between markers, above 'How to load')."""
     folder = Path(folder)
-    report = json.loads((folder / "report.json").read_text())
+    report = read_report(folder)
     report["lm_eval"] = {**report.get("lm_eval", {}), **tasks}
     _replace_file(folder / "report.json", json.dumps(report, indent=2))
     card_path = folder / "README.md"

@@ -235,6 +235,11 @@ def teacher_with_another_tokenizer(env):
     return Case(argv + ["method.distill.enabled=true", f"method.distill.teacher={folder}"], ["teacher", "tokenizer"], o)
 
 
+def _with(folder: Path, name: str, text: str) -> Path:
+    (folder / name).write_text(text)
+    return folder
+
+
 def report_damage(name, damage, says):
     def build(env):
         folder = copy_of(env, env.pruned, f"report-{name}")
@@ -419,6 +424,9 @@ CASES = {
     "resume-missing-folder": lambda env: Case(resume_cmd(env, env.tmp / "nowhere" / "checkpoint-3",
                                                          out(env, "resume-missing")),
                                               ["nowhere/checkpoint-3"], out(env, "resume-missing")),
+    "eval-records-into-a-damaged-report": lambda env: Case(
+        ["eval", "--model", str(_with(copy_of(env, env.pruned, "eval-report"), "report.json", "[1")), "--data",
+         str(env.text), "--seqlen", "32", "--max-windows", "1"], ["report.json", "--no-report"]),
     "report-json-not-json": report_damage("not-json", lambda f: (f / "report.json").write_text("{"), ["report.json"]),
     "report-json-is-list": report_damage("list", lambda f: (f / "report.json").write_text("[]"), ["report.json"]),
     "report-json-wrong-types": report_damage(
