@@ -12,7 +12,8 @@ def _one_line(text) -> str:
 
 def text(value) -> str:
     """Plain prose or a heading: Markdown's punctuation escaped, HTML's angle brackets as entities."""
-    escaped = re.sub(r"([\\`*_\[\]#|!~])", r"\\\1", _one_line(value))
+    # underscores stay: GFM never reads one inside a word (model_name, sotu_next) as emphasis
+    escaped = re.sub(r"([\\`*\[\]#|])", r"\\\1", _one_line(value))
     return escaped.replace("<", "&lt;").replace(">", "&gt;")
 
 
