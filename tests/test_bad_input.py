@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +184,6 @@ def config_not_json(env):
 
 def only_pickled_weights(env):
     folder = copy_of(env, env.llama, "pickle-only")
-    state = torch.load if False else None  # noqa: F841 (the pickle is written, never read back)
     (folder / "model.safetensors").unlink()
 
     class Boom:  # would run code if unpickled
