@@ -5,11 +5,13 @@ transformers) is imported only when that command is chosen, so `slimlm --help` s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 import warnings
 
 from .version import __version__
-from .errors import SlimlmError
+from .errors import SlimlmError, debug_wanted, first_line, os_failure
 
 # name -> one-line help (the command's description too); its module is slimlm/commands/<name>.py
 COMMANDS = {
@@ -60,6 +62,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="slimlm", description="Make language models small: prune, retrain, evaluate.")
     parser.add_argument("--version", action=_Version)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (as "
+                        "SLIMLM_DEBUG=1 does); allowed after the command name too")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = set(COMMANDS) if argv is None else {next((a for a in argv if not a.startswith("-")), None)}
     for name, text in COMMANDS.items():
@@ -82,6 +86,20 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug_before = os.environ.get("SLIMLM_DEBUG")
+    if "--debug" in argv:  # anywhere on the line: the flag is for the moment something goes wrong
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["SLIMLM_DEBUG"] = "1"
+    try:
+        return _run(argv)
+    finally:  # main() called in-process (tests, scripts) leaves the environment as it found it
+        if debug_before is None:
+            os.environ.pop("SLIMLM_DEBUG", None)
+        else:
+            os.environ["SLIMLM_DEBUG"] = debug_before
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     # recipe overrides (key=value) may come after the options too: `train --recipe ast --output D steps=5`
@@ -94,10 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         args.run(args)
-    except SlimlmError as err:
-        print(f"slimlm {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"slimlm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # one line each; the traceback only when asked for
+        if debug_wanted():
+            traceback.print_exc()
+        print(f"slimlm {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, (SlimlmError, OSError)) else 1
+    finally:
+        from .locks import release_all
+
+        release_all()
     return 0
+
+
+def one_line(err: Exception) -> str:
+    """The message of an error: a SlimlmError's own; an OSError that escaped the readers and writers
+    names its file; anything else is a slimlm bug or an input it does not explain yet, said as such."""
+    if isinstance(err, SlimlmError):
+        return " ".join(str(err).split("\n"))
+    if isinstance(err, OSError) and err.filename:
+        return str(os_failure(err))
+    hint = "" if debug_wanted() else " (run again with --debug for the traceback)"
+    return f"unexpected {type(err).__name__}: {first_line(err)}{hint}; please report it as a slimlm bug"

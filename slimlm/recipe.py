@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SlimlmError
+from .errors import SlimlmError, reading
 
 DEFAULTS = {
     "model": "smollm2-135m",
@@ -98,6 +98,8 @@ CHOICES = {
 RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints",
                "train.log_every", "train.tensorboard", "data.eval_windows", "data.valid",
                "parallel.strategy", "parallel.cpu_offload", "parallel.shard_teacher"}
+# keys a resume may change although they change the trajectory: the way out of a divergence (said on resume)
+RESUME_ADJUSTABLE = {"train.lr"}
 
 
 def builtin_names() -> list[str]:
@@ -119,7 +121,8 @@ def summary(name: str) -> str:
 def read_recipe(spec: str) -> dict:
     path = Path(spec).expanduser()
     if path.is_file():
-        text = path.read_text()
+        with reading(path, "recipe", "save it as UTF-8 YAML"):
+            text = path.read_text(encoding="utf-8")
     elif spec in builtin_names():
         text = (resources.files("slimlm.recipes") / f"{spec}.yaml").read_text()
     else:
@@ -177,6 +180,8 @@ def _check(value, default, key: str):
     elif isinstance(default, list):
         if not isinstance(value, list) or len(value) != len(default):
             raise SlimlmError(f"recipe key '{key}' must be a list of {len(default)} numbers, got {value!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise SlimlmError(f"recipe key '{key}' must be a list of {len(default)} numbers, got {value!r}")
         ok = [float(v) for v in value]
     else:
         ok = value
@@ -228,7 +233,10 @@ def _parse_override(item: str) -> dict:
         node = node[part]
     # text keys keep the raw string (YAML would read 2:4 as a base-60 integer)
     text = (node is None or isinstance(node, str)) and key not in AUTO
-    value = raw if text and not raw.startswith("[") else yaml.safe_load(raw)
+    try:
+        value = raw if text and not raw.startswith("[") else yaml.safe_load(raw)
+    except yaml.YAMLError as err:  # train.betas=[0.9,
+        raise SlimlmError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]})") from None
     if raw in ("null", "~"):
         value = None
     nested = value
@@ -245,7 +253,22 @@ RANGES = {"method.keep": (0.0, 1.0, False), "method.lpaf.prune_fraction": (0.0, 
           "method.mask_interval_fraction": (0.0, 1.0, False), "train.warmup_fraction": (0.0, 1.0, True),
           "method.mask_margin": (0.0, math.inf, True), "method.mask_interval_min": (1, math.inf, True),
           "method.mask_interval": (1, math.inf, True), "train.warmup_steps": (0, math.inf, True),
-          "method.decay.lambda_max": (0.0, math.inf, True), "method.movement.score_lr": (0.0, math.inf, False)}
+          "method.decay.lambda_max": (0.0, math.inf, True), "method.movement.score_lr": (0.0, math.inf, False),
+          # counts and intervals: zero or negative would divide by zero, loop forever or silently do nothing
+          "data.seqlen": (2, math.inf, True), "data.eval_windows": (1, math.inf, True),
+          "data.max_length": (2, math.inf, True), "train.steps": (1, math.inf, True),
+          "train.batch_size": (1, math.inf, True), "train.grad_accum": (1, math.inf, True),
+          "train.eval_every": (1, math.inf, True), "train.save_every": (1, math.inf, True),
+          "train.keep_checkpoints": (1, math.inf, True), "train.log_every": (1, math.inf, True),
+          "method.nsamples": (1, math.inf, True), "method.slorb.group_size": (1, math.inf, True),
+          "method.movement.mask_interval": (1, math.inf, True), "method.lpaf.svd_iters": (1, math.inf, True),
+          "method.lpaf.calib_batches": (1, math.inf, True), "method.distill.chunk_tokens": (0, math.inf, True),
+          # rates and weights: a negative learning rate climbs the loss, eps 0 divides by zero
+          "train.lr": (0.0, math.inf, False), "train.eps": (0.0, math.inf, False),
+          "train.min_lr_ratio": (0.0, 1.0, True), "train.weight_decay": (0.0, math.inf, True),
+          "train.grad_clip": (0.0, math.inf, True), "method.distill.alpha": (0.0, 1.0, True),
+          "method.distill.temperature": (0.0, math.inf, False), "method.gradual_fraction": (0.0, 1.0, True),
+          "method.decay.ramp_fraction": (0.0, math.inf, True)}  # past 1: warned (budget.py)
 
 
 def resolve(spec: str, overrides: list[str] | None = None) -> dict:
@@ -253,6 +276,11 @@ def resolve(spec: str, overrides: list[str] | None = None) -> dict:
     for item in overrides or []:
         recipe = _merge(recipe, _parse_override(item))
     flat = flatten(recipe)
+    if not flat["model"] or not isinstance(flat["model"], str):
+        raise SlimlmError("recipe key 'model' must name a model (built-in name, folder, .gguf file or hub id), "
+                          f"got {flat['model']!r}")
+    if not all(0.0 <= b < 1.0 for b in flat["train.betas"]):
+        raise SlimlmError(f"recipe key 'train.betas' must be two numbers in [0, 1), got {flat['train.betas']}")
     for key, (low, high, inclusive) in RANGES.items():
         value = flat[key]
         if value == "auto":
@@ -282,4 +310,4 @@ def flatten(recipe: dict, prefix: str = "", sections: bool = False) -> dict:
 
 def differences(a: dict, b: dict) -> list[str]:
     fa, fb = flatten(a), flatten(b)
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in RESUME_FREE)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in RESUME_FREE | RESUME_ADJUSTABLE)

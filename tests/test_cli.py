@@ -129,21 +129,31 @@ def test_existing_output_needs_overwrite(model_dirs, text_file, tmp_path, capsys
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").exists()
+    # --overwrite replaces only what slimlm wrote: a folder of the user's own stays (issue 17)
+    assert main(args + ["--overwrite"]) == 2
+    assert "not a slimlm output" in capsys.readouterr().err and (out / "keep.txt").exists()
+    (out / "report.json").write_text("{}")
     assert main(args + ["--overwrite"]) == 0
     assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
 
 
-def test_failure_during_publish_leaves_nothing(model_dirs, text_file, tmp_path, monkeypatch):
-    """A crash after the weights were written (here: in the reload check) removes the temporary folder."""
+def test_failure_during_publish_leaves_nothing(model_dirs, text_file, tmp_path, monkeypatch, capsys):
+    """A crash after the weights were written (here: in the reload check) removes the temporary folder
+    (and the output's lock); the error is one line saying it is unexpected, --debug shows the traceback."""
     import slimlm.output
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(slimlm.output, "_verify", broken)
+    monkeypatch.delenv("SLIMLM_DEBUG", raising=False)
     out = tmp_path / "crash"
-    with pytest.raises(RuntimeError):
-        main(prune_args(model_dirs["llama"], text_file, out, "--method", "magnitude"))
+    assert main(prune_args(model_dirs["llama"], text_file, out, "--method", "magnitude")) == 1
+    err = capsys.readouterr().err
+    assert "error: unexpected RuntimeError: disk full (run again with --debug" in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert main(prune_args(model_dirs["llama"], text_file, out, "--method", "magnitude") + ["--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

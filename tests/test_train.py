@@ -235,7 +235,7 @@ def test_a_pruned_start_is_refused_as_its_own_teacher(model_dirs, corpus, tmp_pa
     assert main(args + ["--output", str(tmp_path / "b"), f"method.distill.teacher={model_dirs['llama']}"]) == 0
     first = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["kl"] > 1e-5  # a copy of the pruned start would give exactly 0
-    assert f"distillation from {model_dirs['llama']}" in (tmp_path / "b" / "README.md").read_text()
+    assert f"distillation from `{model_dirs['llama']}`" in (tmp_path / "b" / "README.md").read_text()
 
 
 def test_diverging_loss_stops_with_the_step(model_dirs, corpus, tmp_path, capsys):

@@ -1,4 +1,28 @@
 """One module per `slimlm` sub-command: add_arguments(parser), run(args); its help is in cli.COMMANDS."""
+import argparse
+import math
+
+
+def number(low: float = -math.inf, *, above: bool = False, integer: bool = True, also: tuple = ()):
+    """The argparse type of a numeric option: an integer (or a float) >= low (> low with `above`), or
+    one of `also` (values with a meaning of their own, like -1). The one rule for the option: a zero or
+    negative count is refused here, never replaced by a default further down."""
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}") \
+                from None
+        if value in also or (value > low if above else value >= low) and math.isfinite(value):
+            return value
+        bound = f"more than {low}" if above else f"at least {low}"
+        extra = f" (or {', '.join(map(str, also))})" if also else ""
+        raise argparse.ArgumentTypeError(f"must be {bound}{extra}, got {text}")
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
+COUNT, WINDOW = number(1), number(2)  # how many of something; tokens in a window (one of them predicted)
 
 
 def add_calibrated_job_arguments(p, solver: str, defaults: dict) -> None:
@@ -6,20 +30,20 @@ def add_calibrated_job_arguments(p, solver: str, defaults: dict) -> None:
     (`solver`: SparseGPT or GPTQ), evaluation, device and output folder. Defaults come from the job's
     DEFAULTS (stated once, there)."""
     p.add_argument("--calib", help="calibration text: .txt, .jsonl with a 'text' field, or dataset name")
-    p.add_argument("--nsamples", type=int, default=defaults["nsamples"], help="calibration windows")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration (and evaluation) window (default: 2048, "
+    p.add_argument("--nsamples", type=COUNT, default=defaults["nsamples"], help="calibration windows")
+    p.add_argument("--seqlen", type=WINDOW, help="tokens per calibration (and evaluation) window (default: 2048, "
                    "or the model's position table if shorter)")
     p.add_argument("--seed", type=int, default=defaults["seed"])
     p.add_argument("--include", action="append", help="regex of target layer names (repeatable; replaces the default "
                    "of every linear layer in the blocks)")
     p.add_argument("--ignore", action="append", help="regex of layer names to leave alone (repeatable)")
-    p.add_argument("--blocksize", type=int, default=defaults["blocksize"], help=f"{solver} column block size")
-    p.add_argument("--percdamp", type=float, default=defaults["percdamp"],
+    p.add_argument("--blocksize", type=COUNT, default=defaults["blocksize"], help=f"{solver} column block size")
+    p.add_argument("--percdamp", type=number(0, integer=False), default=defaults["percdamp"],
                    help=f"{solver} dampening, a fraction of the mean Hessian diagonal")
     p.add_argument("--eval", help="text to measure perplexity on afterwards")
     p.add_argument("--eval-dense", action="store_true", help="also measure the model before")
-    p.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
-    p.add_argument("--eval-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--eval-seqlen", type=WINDOW, help="evaluation window (default: --seqlen)")
+    p.add_argument("--eval-windows", type=COUNT, help="evaluate at most this many windows")
     p.add_argument("--eval-bos", default=defaults["eval_bos"], choices=["auto", "window", "stream"],
                    help="BOS at the start of every evaluation window (window), only where the tokenizer put it "
                    "(stream: the SparseGPT/Wanda protocol), or window when the tokenizer adds one (auto)")

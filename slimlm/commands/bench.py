@@ -3,7 +3,7 @@ from pathlib import Path
 
 from ..runtime import bench
 from ..output import write_atomically
-from . import settings_from
+from . import number, settings_from
 from ..errors import SlimlmError
 
 
@@ -26,8 +26,8 @@ def add_arguments(p):
     p.add_argument("--batch-sizes", help="whole-model batch sizes (sequences), e.g. 1,4")
     p.add_argument("--seqlens", help="whole-model prompt lengths, e.g. 128,512")
     p.add_argument("--layer-batches", help="input rows for the per-layer timings, e.g. 1,16,128,1024")
-    p.add_argument("--decode-tokens", type=int, help="decode steps timed after each prefill (0: none)")
-    p.add_argument("--repeats", type=int, help="alternating dense/compressed timings per row (median reported)")
+    p.add_argument("--decode-tokens", type=number(0), help="decode steps timed after each prefill (0: none)")
+    p.add_argument("--repeats", type=number(1), help="alternating dense/compressed timings per row (median reported)")
     p.add_argument("--sparse-kernel", choices=["auto", "semi-structured", "dense"],
                    help="2:4 layers: auto = semi-structured on CUDA, dense matmul on CPU (the only option there)")
     p.add_argument("--no-layers", dest="layers", action="store_false", default=None, help="skip the per-layer rows")

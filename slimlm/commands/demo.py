@@ -1,16 +1,17 @@
 """The main job end to end, offline: dense -> one-shot 2:4 (Wanda) -> the same with block-wise
 reconstruction -> evaluate each -> the best model in the output folder."""
 from .. import pruning
+from . import number
 
 
 def add_arguments(p):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--sparsity", default="2:4")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--reconstruct-steps", type=int, default=8, help="reconstruction steps per block (0: skip it)")
-    p.add_argument("--eval-windows", type=int, default=24)
+    p.add_argument("--nsamples", type=number(1), default=32)
+    p.add_argument("--seqlen", type=number(2), default=512)
+    p.add_argument("--reconstruct-steps", type=number(0), default=8, help="reconstruction steps per block (0: skip it)")
+    p.add_argument("--eval-windows", type=number(1), default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="slimlm-demo")
     p.add_argument("--overwrite", action="store_true")

@@ -5,6 +5,7 @@ from pathlib import Path
 from .. import data, devices, models, output
 from ..errors import SlimlmError
 from ..eval.perplexity import accuracy, perplexity
+from . import COUNT, WINDOW, number
 
 
 def add_arguments(p):
@@ -13,9 +14,10 @@ def add_arguments(p):
                    "for a classifier, .jsonl with 'text' and 'label'")
     p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (boolq,rte,hellaswag,...; groups, "
                    "tags or task YAML files too); needs pip install 'slimlm[eval]'")
-    p.add_argument("--include-path", action="append", help="folder of custom lm-eval task YAML (repeatable)")
-    p.add_argument("--limit", type=float, help="tasks: at most this many examples per task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int, help="tasks: examples in the prompt (default: the task's own, else 0)")
+    p.add_argument("--include-path", action="append", help="folder of custom lm-eval task YAML (repeatable); "
+                   "its tasks can run Python code: give only folders you trust")
+    p.add_argument("--limit", type=number(0, above=True, integer=False), help="tasks: at most this many examples per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=number(0), help="tasks: examples in the prompt (default: the task's own, else 0)")
     p.add_argument("--seed", type=int, default=0, help="tasks: seed for few-shot sampling")
     p.add_argument("--output-path", help="tasks: folder for lm-eval's own results file (and per-sample logs), "
                    "written as lm-eval's CLI writes them: DIR/<model>/results_<date>.json")
@@ -23,10 +25,10 @@ def add_arguments(p):
                    "responses and scores to DIR/<model>/samples_<task>_<date>.jsonl (needs --output-path)")
     p.add_argument("--no-report", action="store_true", help="do not merge the results into the model folder's "
                    "report.json (and, for tasks, its model card)")
-    p.add_argument("--max-length", type=int, default=128, help="classifier: tokens per example")
-    p.add_argument("--seqlen", type=int, help="perplexity window; for tasks, the longest input (longer ones lose "
+    p.add_argument("--max-length", type=WINDOW, default=128, help="classifier: tokens per example")
+    p.add_argument("--seqlen", type=WINDOW, help="perplexity window; for tasks, the longest input (longer ones lose "
                    "tokens from the left). Default: 2048, or the model's position table if shorter")
-    p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--max-windows", type=COUNT, help="evaluate at most this many windows")
     p.add_argument("--bos", default="auto", choices=["auto", "window", "stream"],
                    help="perplexity: BOS at the start of every window (window), only where the tokenizer put it "
                    "(stream: the SparseGPT/Wanda protocol), or window when the tokenizer adds one (auto)")

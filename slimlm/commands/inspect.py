@@ -1,6 +1,7 @@
 import json
 
 from .. import models
+from ..output import write_atomically
 from ..errors import SlimlmError
 from ..eval.layers import format_table, layer_stats, totals
 from ..eval.spectra import energy_curves, plot_spectra
@@ -34,8 +35,8 @@ def run(args):
         if args.spectra:
             curves[label] = energy_curves(targets)
     if args.spectra:
-        plot_spectra(curves, args.spectra)
+        write_atomically(args.spectra, lambda path: plot_spectra(curves, str(path)))
         print(f"spectra -> {args.spectra}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
+        text = json.dumps(results[0] if len(results) == 1 else results, indent=2)
+        write_atomically(args.json, lambda path: path.write_text(text))

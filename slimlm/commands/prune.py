@@ -1,5 +1,5 @@
 from .. import pruning
-from . import add_calibrated_job_arguments, print_perplexities, settings_from
+from . import COUNT, add_calibrated_job_arguments, number, print_perplexities, settings_from
 from ..prune import METHODS
 
 
@@ -14,9 +14,9 @@ def add_arguments(p):
     r = p.add_argument_group("block-wise reconstruction", "after the one-shot prune, train each block to reproduce "
                              "the dense model's outputs on the calibration windows (resumable per block)")
     r.add_argument("--reconstruct", action="store_true", help="turn it on")
-    r.add_argument("--reconstruct-steps", type=int, default=d["reconstruct_steps"], help="optimizer steps per block")
-    r.add_argument("--reconstruct-batch", type=int, default=d["reconstruct_batch"], help="calibration windows per step")
-    r.add_argument("--reconstruct-lr", type=float, default=d["reconstruct_lr"])
+    r.add_argument("--reconstruct-steps", type=COUNT, default=d["reconstruct_steps"], help="optimizer steps per block")
+    r.add_argument("--reconstruct-batch", type=COUNT, default=d["reconstruct_batch"], help="calibration windows per step")
+    r.add_argument("--reconstruct-lr", type=number(0, above=True, integer=False), default=d["reconstruct_lr"])
     r.add_argument("--reconstruct-mask", default=d["reconstruct_mask"], choices=["fixed", "adaptive"],
                    help="fixed: the one-shot mask; adaptive: AST's N:M refresh with decay of pruned weights")
     r.add_argument("--reconstruct-target", default=d["reconstruct_target"], choices=["dense", "local"],

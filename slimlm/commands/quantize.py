@@ -1,12 +1,12 @@
 from .. import quantize
-from . import add_calibrated_job_arguments, print_perplexities, settings_from
+from . import add_calibrated_job_arguments, number, print_perplexities, settings_from
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="output folder, HF folder, built-in name or .gguf file")
     d = quantize.DEFAULTS
     p.add_argument("--bits", type=int, default=d["bits"], choices=[4, 8])
-    p.add_argument("--group-size", type=int, default=d["group_size"], help="input columns per scale; -1: one scale per output channel")
+    p.add_argument("--group-size", type=number(1, also=(-1,)), default=d["group_size"], help="input columns per scale; -1: one scale per output channel")
     p.add_argument("--method", default=d["method"], choices=quantize.METHODS)
     p.add_argument("--format", default=d["format"], choices=quantize.FORMATS,
                    help="slimlm: packed 2:4 codes (quant.safetensors, slimlm.load); compressed-tensors: the vLLM "

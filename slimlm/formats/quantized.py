@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..errors import SlimlmError
 from ..ops import quant
 from ..ops.masked import weight_matrix
 from ..ops.sparsity import is_valid_nm
+from . import weights
 
 FILENAME = "quant.safetensors"
 
@@ -45,7 +45,7 @@ def read_codes(folder: Path, spec: dict) -> dict[str, tuple[torch.Tensor, torch.
     path = folder / FILENAME
     if not path.is_file():
         raise SlimlmError(f"{folder}: config.json lists quantized layers but {FILENAME} is missing")
-    tensors = load_file(str(path))
+    tensors = weights.read(path)
     layers = {}
     for name, kind in spec["layers"].items():
         if kind == "2:4":
@@ -74,7 +74,7 @@ def load_into(model, folder: Path, spec: dict) -> None:
     codes = read_codes(folder, spec)
     with torch.no_grad():
         for name, (layer_codes, scales) in codes.items():
-            W = weight_matrix(model.get_submodule(name))
+            W = weight_matrix(weights.named_layer(model, name, folder / FILENAME))
             if tuple(W.shape) != tuple(layer_codes.shape):
                 raise SlimlmError(f"{folder}: layer {name} is {tuple(W.shape)} but its codes are {tuple(layer_codes.shape)}")
             W.copy_(quant.dequantize(layer_codes, scales, group_size_of(spec["group_size"])).to(W.dtype))

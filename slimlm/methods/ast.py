@@ -65,7 +65,7 @@ class SparseTraining(Method):
         targets = models.find_targets(model, cfg["include"], cfg["ignore"])
         self.targets, _ = models.target_layers(model, targets, sp.m, skip_indivisible=False)
         if cfg["distill"]["enabled"]:
-            self.teacher = make_teacher(model, cfg["distill"], trainer.bf16)
+            self.teacher = make_teacher(model, cfg["distill"], trainer.bf16, self.tokenizer)
         # a one-shot prune zeroes the pruned weights: keep them if they are restored or feed SLoRB's init
         keep_dense = cfg["init"] in ONE_SHOT and (cfg["init_pruned"] == "dense" or cfg["slorb"]["enabled"])
         dense = {n: m.weight.detach().clone() for n, m in self.targets.items()} if keep_dense else {}

@@ -183,7 +183,7 @@ class LPAF(Method):
         recipe, model = ctx.recipe, ctx.model
         resume_stage = Path(ctx.resume).parent.name if ctx.resume else None
         bf16 = budget.use_bf16(recipe["train"]["bf16"], next(model.parameters()).device)
-        self.teacher = make_teacher(model, self.cfg["distill"], bf16) if self.cfg["distill"]["enabled"] else None
+        self.teacher = make_teacher(model, self.cfg["distill"], bf16, self.tokenizer) if self.cfg["distill"]["enabled"] else None
         first, model, targets = lpaf_prune_stage(model, recipe, self.teacher, ctx.train, ctx.valid, ctx.run_dir,
                                                  ctx.resume, finished=resume_stage == "finetune")
         second, self.finetuning = lpaf_lowrank_stage(model, recipe, self.teacher, targets, ctx.train, ctx.valid,

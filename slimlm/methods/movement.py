@@ -63,7 +63,7 @@ class MovementPruning(Method):
                               "parameters of their own): use method.movement.score=sensitivity, or DDP")
         self.targets = models.find_targets(model, self.cfg["include"], self.cfg["ignore"])
         if self.cfg["distill"]["enabled"] and self.teacher is None:
-            self.teacher = make_teacher(model, self.cfg["distill"], trainer.bf16)
+            self.teacher = make_teacher(model, self.cfg["distill"], trainer.bf16, self.tokenizer)
         for module in self.targets.values():
             weight = masked.dense_weight(module)
             ones = torch.ones_like(weight, dtype=torch.bool)

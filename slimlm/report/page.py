@@ -15,10 +15,14 @@ import struct
 import tempfile
 from pathlib import Path
 
-from ..errors import SlimlmError
+from .. import markdown as md
+from ..errors import SlimlmError, reading, writing
 from ..output import perplexity_key, spent
 from ..formats.quantized import describe_group
 from ..eval.tasks import scores
+
+
+FIX = "run the command that wrote the folder again, or leave the folder out"
 
 
 def _read_report(folder: Path) -> dict:
@@ -29,17 +33,23 @@ def _read_report(folder: Path) -> dict:
     path = folder / "report.json"
     if not path.is_file():
         raise SlimlmError(f"{folder} has no report.json: not an output folder of slimlm prune/train/finetune/quantize")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SlimlmError(f"{path} is not valid JSON ({err})") from None
+    with reading(path, "run report", FIX):
+        report = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(report, dict):
+        raise SlimlmError(f"run report {path} is not a JSON object: {FIX}")
+    return report
 
 
 def _history(folder: Path) -> list[dict]:
     path = folder / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with reading(path, "training log", FIX):
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        bad = next((r for r in records if not isinstance(r, dict) or not isinstance(r.get("step"), int)), None)
+        if bad is not None:
+            raise ValueError(f"a record without its step: {str(bad)[:40]}")
+    return records
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -146,16 +156,16 @@ def _details(report: dict) -> str:
     if "recipe" in report:
         r = report["recipe"]
         m = r["method"]
-        parts = [f"trained on `{r['data']['train']}`", f"{report.get('steps')} steps", f"lr {r['train']['lr']:g}",
+        parts = [f"trained on {md.code(r['data']['train'])}", f"{report.get('steps')} steps", f"lr {r['train']['lr']:g}",
                  f"seed {r['seed']}"]
         if report.get("sparsity"):
-            parts.append(f"masks {m['mask_update']}, init {m['init']}")
+            parts.append(f"masks {md.text(m['mask_update'])}, init {md.text(m['init'])}")
         if m.get("distill", {}).get("enabled") and report.get("method") != "finetune":
             parts.append(f"distillation α={m['distill']['alpha']}")
         return ", ".join(parts)
     calib = report.get("calibration")
     if calib:
-        return f"calibration: {calib['windows']}×{calib['seqlen']} tokens of `{calib['data']}`, seed {calib['seed']}"
+        return f"calibration: {calib['windows']}×{calib['seqlen']} tokens of {md.code(calib['data'])}, seed {calib['seed']}"
     return "no calibration data"
 
 
@@ -163,6 +173,12 @@ def describe(folder: str | Path) -> dict:
     """One run as a flat row. Fields it cannot know are None."""
     folder = Path(folder)
     report = _read_report(folder)
+    history = _history(folder)
+    with reading(folder / "report.json", "run report", FIX):  # a field of the wrong type or shape
+        return _row(folder, report, history)
+
+
+def _row(folder: Path, report: dict, history: list[dict]) -> dict:
     kept, dense = _parameters(folder, report)
     metric, value, where = _quality(report)
     tokens, seconds = spent(report)
@@ -171,7 +187,7 @@ def describe(folder: str | Path) -> dict:
         "base_model": _base(report), "model_kind": report.get("model_kind"),
         "kept": kept, "dense": dense, "weight_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
         "metric": metric, "value": value, "evaluated_on": where, "dense_value": _dense_quality(report), "tokens": tokens, "seconds": seconds,
-        "tasks": report.get("lm_eval", {}), "history": _history(folder), "details": _details(report),
+        "tasks": report.get("lm_eval", {}), "history": history, "details": _details(report),
         "evals": report.get("slimlm_eval", {}),
     }
 
@@ -254,18 +270,18 @@ def render(rows: list[dict], names: list[str], plots: dict[str, str], shared: st
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, r in zip(names, rows):
         fraction = f"{r['kept'] / r['dense']:.1%}" if r["kept"] is not None and r["dense"] else "—"
-        cells = [name, r["method"], r["budget"], f"`{r['base_model']}`", _fmt_count(r["kept"]), fraction,
-                 _fmt_bytes(r["weight_bytes"]),
+        cells = [md.cell(name), md.cell(r["method"]), md.cell(r["budget"]), md.code(r["base_model"]),
+                 _fmt_count(r["kept"]), fraction, _fmt_bytes(r["weight_bytes"]),
                  f"{r['value']:.2f}" if r["metric"] == "perplexity" else "—",
                  f"{r['value']:.3f}" if r["metric"] == "accuracy" else "—",
-                 f"`{r['evaluated_on']}`" if r["evaluated_on"] else "—"]
+                 md.code(r["evaluated_on"]) if r["evaluated_on"] else "—"]
         cells += [_fmt_task(r["tasks"].get(t), m) for t, m in tasks]
         cells += [_fmt_count(r["tokens"]) if r["tokens"] else "—", _fmt_seconds(r["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
     for caption, png in plots.items():
         lines += ["", f"## {caption}", "", f"![{caption}]({png})"]
     lines += ["", "## Runs", ""]
-    lines += [f"- **{n}** (`{r['path']}`): {r['details']}." for n, r in zip(names, rows)]
+    lines += [f"- **{md.text(n)}** ({md.code(r['path'])}): {r['details']}." for n, r in zip(names, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -291,7 +307,7 @@ def write(run_dirs: list[str], output: str, dense: str | None = None) -> Path:
     if page.suffix.lower() != ".md":
         raise SlimlmError(f"--output {output}: expected a .md file")
     if not page.parent.is_dir():
-        raise SlimlmError(f"folder of {output} does not exist")
+        raise SlimlmError(f"folder of {output} does not exist: create it first or choose another --output")
     rows = [describe(d) for d in run_dirs]
     names = short_names(run_dirs)
     reference = _read_dense(dense) if dense else None
@@ -299,19 +315,21 @@ def write(run_dirs: list[str], output: str, dense: str | None = None) -> Path:
     if reference is not None and (shared is None or rows[0]["dense_value"] is None):
         raise SlimlmError(f"--dense {dense} was not measured as the runs were (every run needs a `slimlm eval --data` "
                           f"result with the same data, --seqlen, windows and BOS; shared: {shared or 'none'})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{page.stem}.tmp-", dir=page.parent))
+    with writing(page):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{page.stem}.tmp-", dir=page.parent))
     try:
-        plots = {}
-        quality = f"{page.stem}-quality.png"
-        if plot_quality(rows, names, tmp / quality):
-            plots["Quality of each run against dense"] = quality
-        curves = f"{page.stem}-curves.png"
-        if plot_curves(rows, names, tmp / curves):
-            plots["Training curves"] = curves
-        (tmp / page.name).write_text(render(rows, names, plots, shared))
-        for png in plots.values():  # the page last: it never points at a missing picture
-            (tmp / png).replace(page.parent / png)
-        (tmp / page.name).replace(page)
+        with writing(page):
+            plots = {}
+            quality = f"{page.stem}-quality.png"
+            if plot_quality(rows, names, tmp / quality):
+                plots["Quality of each run against dense"] = quality
+            curves = f"{page.stem}-curves.png"
+            if plot_curves(rows, names, tmp / curves):
+                plots["Training curves"] = curves
+            (tmp / page.name).write_text(render(rows, names, plots, shared))
+            for png in plots.values():  # the page last: it never points at a missing picture
+                (tmp / png).replace(page.parent / png)
+            (tmp / page.name).replace(page)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return page

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .. import recipe as recipes
 from ..ops import sharded
-from ..errors import SlimlmError
+from ..errors import SlimlmError, reading, writing
+from ..formats import weights
 from . import distributed
 
 
@@ -42,17 +43,29 @@ def save(trainer) -> Path:
         distributed.barrier()  # every rank has written before rank 0 renames
     if not distributed.is_main():
         return final
-    if not trainer.fsdp:
-        _save_full(trainer, tmp)
     state = {"step": trainer.step, "tokens_seen": trainer.tokens_seen, "recipe": trainer.recipe,
              "format": "dcp" if trainer.fsdp else "safetensors"}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        with writing(final):  # a full disk: one line, and no half-written checkpoint left behind
+            if not trainer.fsdp:
+                _save_full(trainer, tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     kept = sorted(trainer.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in kept[: -trainer.cfg["keep_checkpoints"]]:
         shutil.rmtree(old)
     return final
+
+
+def clean_leftovers(run_dir: Path) -> None:
+    """Checkpoint folders a killed run was writing (`.checkpoint-N.tmp`): never complete, removed."""
+    for leftover in sorted(Path(run_dir).glob(".checkpoint-*.tmp")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        print(f"removed {leftover}, a checkpoint an interrupted run did not finish")
 
 
 def _save_full(trainer, folder: Path) -> None:
@@ -73,17 +86,41 @@ def _save_shards(trainer, folder: Path) -> None:
     dcp.save({"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}, checkpoint_id=str(folder))
 
 
-def load(trainer, folder: str) -> None:
-    path = Path(folder)
-    state_file = path / "trainer_state.json"
+OTHER = "resume from another checkpoint of the run, or start over with --overwrite"
+
+
+def read_state(folder: Path) -> dict:
+    """trainer_state.json of a checkpoint, checked for what a resume needs."""
+    state_file = folder / "trainer_state.json"
+    if not folder.is_dir():
+        raise SlimlmError(f"checkpoint {folder} not found: give a folder OUTPUT.checkpoints/checkpoint-N")
     if not state_file.is_file():
         raise SlimlmError(f"{folder} is not a slimlm checkpoint (no trainer_state.json)")
-    state = json.loads(state_file.read_text())
+    with reading(state_file, "checkpoint state", OTHER):
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    if not isinstance(state, dict) or not isinstance(state.get("recipe"), dict) \
+            or not isinstance(state.get("step"), int) or not isinstance(state.get("tokens_seen"), int):
+        raise SlimlmError(f"checkpoint state {state_file} lacks its step, tokens or recipe: it is damaged or not "
+                          f"slimlm's; {OTHER}")
+    return state
+
+
+def load(trainer, folder: str) -> None:
+    path = Path(folder)
+    state = read_state(path)
     diff = recipes.differences(state["recipe"], trainer.recipe)
     if diff:
         raise SlimlmError(f"checkpoint {folder} was made with a different recipe ({', '.join(diff)} differ): "
-                          "resume with the recipe and overrides of the original run")
+                          "resume with the recipe and overrides of the original run (train.lr may change)")
+    if state["step"] > trainer.cfg["steps"]:
+        raise SlimlmError(f"checkpoint {folder} is at step {state['step']}, past this run's train.steps="
+                          f"{trainer.cfg['steps']}: resume with the train.steps of the original run")
+    before, now = recipes.flatten(state["recipe"]).get("train.lr"), trainer.cfg["lr"]
+    if before != now and distributed.is_main():  # the one way to follow the divergence advice
+        print(f"resuming with train.lr={now:g} (the checkpoint was trained with {before:g})")
     if state.get("format") == "dcp":
+        if not (path / ".metadata").is_file():
+            raise SlimlmError(f"checkpoint {folder} says it holds DCP shards but has no .metadata file: {OTHER}")
         _load_shards(trainer, path)
     else:
         _load_full(trainer, path)
@@ -126,18 +163,29 @@ def _load_shards(trainer, path: Path) -> None:
 
 def _load_full(trainer, path: Path) -> None:
     """A full-state (one process / DDP) checkpoint; under FSDP every rank keeps its own rows of it."""
-    if trainer.fsdp:
-        missing, unexpected = _load_full_into_shards(trainer, path / "model.safetensors")
-    else:
-        missing, unexpected = load_model(trainer.model, str(path / "model.safetensors"), strict=False)
+    model_file, trainer_file = path / "model.safetensors", path / "trainer.safetensors"
+    for file in (model_file, trainer_file):
+        if not file.is_file():
+            raise SlimlmError(f"checkpoint {path} has no {file.name}: it is incomplete; {OTHER}")
+        weights.check(file)
+    with reading(model_file, "checkpoint weights", OTHER):
+        if trainer.fsdp:
+            missing, unexpected = _load_full_into_shards(trainer, model_file)
+        else:
+            missing, unexpected = load_model(trainer.model, str(model_file), strict=False)
     if missing or unexpected:
         raise SlimlmError(f"checkpoint {path} does not match the model: "
-                          f"{(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
-    tensors = load_file(str(path / "trainer.safetensors"))
+                          f"{sorted(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
+    tensors = weights.read(trainer_file)
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]  # the order of model.parameters()
-    for i, p in enumerate(params):
-        entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-        if entries:
-            trainer.optimizer.state[p] = {k: sharded.shard_like(v.to(p.device), p).clone() if k != "step" else v
-                                       for k, v in entries.items()}
-    torch.set_rng_state(tensors["rng.torch"])
+    with reading(trainer_file, "optimizer state", OTHER):
+        rng = tensors["rng.torch"]
+        for i, p in enumerate(params):
+            entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+            for k, v in entries.items():
+                if k != "step" and v.shape != p.shape:
+                    raise ValueError(f"optim.{i}.{k} is {tuple(v.shape)} for a parameter of {tuple(p.shape)}")
+            if entries:
+                trainer.optimizer.state[p] = {k: sharded.shard_like(v.to(p.device), p).clone() if k != "step" else v
+                                              for k, v in entries.items()}
+        torch.set_rng_state(rng)

@@ -38,7 +38,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
-def make_teacher(model, d: dict, bf16: bool):
+def make_teacher(model, d: dict, bf16: bool, tokenizer=None):
     """The frozen dense teacher: a copy of the starting model (default) or another model with the same
     outputs (vocabulary or classes). Call before the student is changed. `bf16`: whether training runs
     in bf16 autocast; the teacher's dtype 'auto' follows it (a bf16 teacher forward is about 2x faster,
@@ -49,12 +49,19 @@ def make_teacher(model, d: dict, bf16: bool):
         _refuse_pruned_start(model)
         teacher = copy.deepcopy(model)
     else:
-        teacher = models.load(d["teacher"], device=str(next(model.parameters()).device)).model
+        loaded = models.load(d["teacher"], device=str(next(model.parameters()).device))
+        teacher = loaded.model
         t_out, s_out = _outputs(teacher), _outputs(model)
         if t_out != s_out:
             raise SlimlmError(f"teacher '{d['teacher']}' has {t_out} outputs (vocabulary or classes), the student "
                               f"{s_out}: distillation compares their distributions, use a teacher with the "
                               "student's tokenizer (or label set)")
+        # as many outputs is not enough: token i must be the same token for both (`tokenizer`: the student's)
+        if tokenizer is not None and hasattr(tokenizer, "get_vocab") and \
+                loaded.tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise SlimlmError(f"teacher '{d['teacher']}' has {t_out} outputs like the student, but another "
+                              "tokenizer (its tokens are numbered differently): distillation compares "
+                              "distributions token by token; use a teacher with the student's tokenizer")
     return teacher.to(dtype).eval().requires_grad_(False)
 
 

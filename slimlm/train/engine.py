@@ -158,9 +158,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, parts = self.hooks.loss(self.forward_model, batch)
                 if not math.isfinite(loss.item()):
-                    raise SlimlmError(f"loss diverged ({loss.item()}) at step {self.step + 1}; the last good "
-                                      f"checkpoint is {self.last_checkpoint() or 'none'}: lower train.lr or "
-                                      "raise train.warmup_steps and resume from it")
+                    raise self.diverged(f"the loss became {loss.item()}")
                 (loss / cfg["grad_accum"]).backward()
                 for k, v in {"loss": loss.item(), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v / cfg["grad_accum"]
@@ -168,6 +166,8 @@ class Trainer:
             step_tokens = distributed.sum_over_ranks(step_tokens)
             self.hooks.after_backward(self.step)
             grad_norm = sharded.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"] or float("inf")))
+            if not math.isfinite(float(grad_norm)):  # a finite loss can still have NaN gradients: never step on them
+                raise self.diverged(f"the gradients became {float(grad_norm)} (the loss was finite)")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -188,13 +188,30 @@ class Trainer:
             bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{run_tokens / run_seconds:.0f}")
             bar.update(1)
             if saving:
+                self.check_finite()  # a checkpoint is named as good only if it is
                 self.save_checkpoint()
             if evaluating or saving:
                 distributed.barrier()  # rank 0 may have evaluated or saved alone: step on together
         bar.close()
         if self.writer:
             self.writer.close()
+        self.check_finite()  # nothing non-finite is published either
         return self.history
+
+    def check_finite(self) -> None:
+        for name, p in self.model.named_parameters():
+            if not bool(torch.isfinite(sharded.local(p.detach())).all()):
+                raise self.diverged(f"parameter {name} became NaN or infinite")
+
+    def diverged(self, what: str) -> SlimlmError:
+        """The divergence error, with advice that a resume accepts: the last checkpoint (every saved one was
+        checked finite) and a lower train.lr (the one recipe key a resume may change)."""
+        ckpt, lr = self.last_checkpoint(), self.cfg["lr"]
+        how = (f"resume from it with a lower learning rate: --resume {ckpt} train.lr={lr / 10:g} (with the run's "
+               "other overrides)" if ckpt else
+               f"no checkpoint was saved before it: start over with --overwrite and a lower train.lr (e.g. {lr / 10:g})")
+        return SlimlmError(f"training diverged at step {self.step + 1}: {what}; the last good checkpoint is "
+                           f"{ckpt or 'none'}: {how}")
 
     def unsharded_model(self, everywhere: bool = False):
         """The trained model as one plain module: the model itself, or under FSDP its shards gathered

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from .. import data, devices, methods, models, output
+from .. import markdown as md
 from ..errors import SlimlmError
-from . import distributed
+from . import checkpoint, distributed
 from .plots import plot_curves
 
 
@@ -77,6 +78,8 @@ def run(recipe: dict, output_dir: str, overwrite: bool = False, resume: str | No
         distributed.barrier()  # every rank has seen the old folder before rank 0 removes it
         if distributed.is_main():
             shutil.rmtree(run_dir)
+    if distributed.is_main():
+        checkpoint.clean_leftovers(run_dir)
     distributed.barrier()
     dense_params = {n: p.numel() for n, p in loaded.model.named_parameters()}
     name = recipe["method"]["name"]
@@ -147,11 +150,11 @@ def _card(report: dict, method: methods.Method) -> str:
     m = r["method"]
     what, parts = method.card_lines(report)
     if method.teacher is not None:
-        parts.append(f"distillation from {m['distill']['teacher'] or 'the dense starting model'} "
+        parts.append(f"distillation from {md.code(m['distill']['teacher']) if m['distill']['teacher'] else 'the dense starting model'} "
                      f"(α={m['distill']['alpha']}, T={m['distill']['temperature']})")
     p = report["parameters"]
-    summary = [f"`{report['base_model']}` {what} with slimlm's **{name}** recipe: {'; '.join(parts)}.",
-               f"Training: {report['steps']} steps, {report['tokens_seen']:,} tokens of `{r['data']['train']}` "
+    summary = [f"{md.code(report['base_model'])} {what} with slimlm's **{name}** recipe: {'; '.join(parts)}.",
+               f"Training: {report['steps']} steps, {report['tokens_seen']:,} tokens of {md.code(r['data']['train'])} "
                f"(lr {r['train']['lr']:g}, seed {r['seed']})."]
     if p["targets"]:
         summary.append(f"Target layers keep {p['target_kept']:,} of {p['target_dense']:,} parameters "
