@@ -98,8 +98,9 @@ class _Progress:
     def __init__(self, spec: str, total: int | None):
         from tqdm.auto import tqdm
 
+        # delay: a corpus that tokenizes in a moment (every evaluation set) shows no bar at all
         self.bar = tqdm(total=total, desc=f"tokenizing {spec}", unit="B", unit_scale=True, unit_divisor=1024,
-                        mininterval=1.0)
+                        mininterval=1.0, delay=2.0)
 
     def __call__(self, state: dict) -> None:
         self.bar.update(state["bytes"] - self.bar.n)

@@ -114,6 +114,8 @@ def tokenize_pieces(tokenizer, pieces: Iterable[Piece], separator: str, sink: Ca
         batch.append((buffer, False))
     if not flush() and separator == "text":
         emit(np.asarray(suffix, dtype=np.int32))
+    if progress is not None:
+        progress(state)
     return _counts(state)
 
 
