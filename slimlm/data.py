@@ -75,7 +75,7 @@ def load_tokens(tokenizer, spec: str, split: str = "test", separator: str = "tex
                 return data_tokens.tokenize_pieces(tokenizer, source.pieces(), separator, sink, max_tokens, progress)
 
         ids, counts, _ = data_cache.open_or_build(folder, entry, build, describe)
-    if counts["documents"] == 0 or not len(ids):
+    if counts["blank"] or not len(ids):
         raise SlimlmError(f"data '{spec}' is empty")
     return _stream(tokenizer, ids, spec, separator)
 

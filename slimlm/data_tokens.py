@@ -56,10 +56,10 @@ def separator_ids(tokenizer, separator: str) -> list[int]:
 def tokenize_pieces(tokenizer, pieces: Iterable[Piece], separator: str, sink: Callable[[np.ndarray], None],
                     max_tokens: int | None = None, progress=None) -> dict:
     """Tokenize the pieces into `sink` (1-D int32 arrays, in order). Stops after max_tokens ids.
-    Returns counts: tokens, documents, bytes, seconds."""
+    Returns counts: tokens, documents, bytes, seconds, and blank (no text but whitespace)."""
     prefix, suffix = special_ends(tokenizer)
     sep = separator_ids(tokenizer, separator)
-    state = {"tokens": 0, "documents": 0, "bytes": 0, "start": time.perf_counter()}
+    state = {"tokens": 0, "documents": 0, "bytes": 0, "blank": True, "start": time.perf_counter()}
     batch: list[tuple[str, bool]] = []  # (segment text, whether a separator follows it)
 
     def emit(ids: np.ndarray) -> bool:
@@ -91,6 +91,7 @@ def tokenize_pieces(tokenizer, pieces: Iterable[Piece], separator: str, sink: Ca
             buffer += JOIN  # the text protocol: the whole corpus is one string, documents joined by a blank line
         buffer += piece.text
         any_doc, doc_starts = True, piece.ends
+        state["blank"] = state["blank"] and (not piece.text or piece.text.isspace())
         state["documents"] += piece.ends
         while len(buffer) > next_try:
             force = separator == "eos" and len(buffer) > FORCE_FACTOR * SEGMENT_CHARS
@@ -121,7 +122,7 @@ def tokenize_pieces(tokenizer, pieces: Iterable[Piece], separator: str, sink: Ca
 
 def _counts(state: dict) -> dict:
     return {"tokens": state["tokens"], "documents": state["documents"], "bytes": state["bytes"],
-            "seconds": time.perf_counter() - state["start"]}
+            "blank": state["blank"], "seconds": time.perf_counter() - state["start"]}
 
 
 def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
