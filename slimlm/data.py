@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from . import data_cache, data_sources, data_tokens
-from .data_sources import BUILTIN_TEXTS, looks_like_dataset, parse_dataset_spec, python_docs  # noqa: F401 (API)
 from .errors import SlimlmError
 
 SEPARATORS = data_tokens.SEPARATORS

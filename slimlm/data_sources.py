@@ -9,6 +9,7 @@ The fingerprint (paths, sizes, modification times; the dataset's name and settin
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -45,8 +46,8 @@ class Source:
             name, config, split = parse_dataset_spec(self.spec, self.split)
             return {"dataset": name, "config": config, "split": split, "streaming": self.streaming,
                     "text_field": self.text_field}
-        if self.kind == "builtin":
-            return {"builtin": self.spec}
+        if self.kind == "builtin":  # pydoc_data's text changes with the Python release
+            return {"builtin": self.spec, "python": platform.python_version()}
         stats = [(str(p.resolve()), *_stat(p)) for p in self.files]
         return {"files": stats, "text_field": self.text_field}
 
