@@ -238,3 +238,32 @@ def test_cache_location_follows_setting_then_environment(monkeypatch, tmp_path):
     assert data_cache.location("off") is None
     monkeypatch.delenv(data_cache.ENV)
     assert str(data_cache.location(None)).endswith(".cache/slimlm/tokens")
+
+
+def _open_entry(folder, log):
+    """A process asking for a cache entry (as a torchrun rank does); the build is slow and logged."""
+    import time
+
+    def build(sink):
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(0.5)  # long enough for the other process to arrive while it runs
+        sink(np.arange(1000, dtype=np.int32))
+        return {"tokens": 1000, "documents": 1, "bytes": 0, "blank": False, "seconds": 0.5}
+
+    ids, meta, _ = data_cache.open_or_build(folder, "entry", build, {})
+    assert ids.sum() == np.arange(1000).sum() and meta["tokens"] == 1000
+
+
+def test_one_process_builds_an_entry_while_the_others_wait(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_open_entry, args=(tmp_path / "cache", tmp_path / "log")) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert (tmp_path / "log").read_text() == "built\n"
+    assert entries(tmp_path / "cache") == ["entry"]
