@@ -163,7 +163,10 @@ def _text_document(path: Path) -> Iterator[Piece]:
     done, lines, size = 0, [], 0
     with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
-            lines.append(_decode(raw, path, lineno))
+            line = _decode(raw, path, lineno)
+            if "\r" in line:  # universal newlines, as Python's text mode (and slimlm before issue 18) reads
+                line = line.replace("\r\n", "\n").replace("\r", "\n")
+            lines.append(line)
             size += len(raw)
             if size >= TEXT_PIECE_BYTES:
                 done += size

@@ -132,6 +132,12 @@ def test_a_tokenizer_without_eos_separates_documents_by_a_blank_line(docs, tmp_p
     assert stream.ids.tolist()[: len(first) + len(blank)] == first + blank
 
 
+def test_text_files_read_with_universal_newlines(tokenizer, tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"First line.\r\nSecond line.\rThird.\n")
+    stream = data.load_tokens(tokenizer, str(tmp_path / "crlf.txt"))
+    assert stream.ids.tolist() == tokenizer("First line.\nSecond line.\nThird.\n").input_ids
+
+
 def test_a_long_document_is_one_document(tokenizer, docs, tmp_path, small_pieces):
     """A .txt file is one document: cut for the tokenizer, one EOS at its end, ids as one call gives."""
     text = "\n\n".join(docs)
