@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def load_tokens(tokenizer, spec: str, split: str = "test", separator: str = "tex
     data_tokens.separator_ids(tokenizer, separator)  # an unknown separator fails before any reading
     settings = {"separator": separator, "max_tokens": max_tokens or None}
     folder = data_cache.location(cache_dir)
+    if folder is not None and not data_cache.writable(folder):
+        warnings.warn(f"token cache {folder} is not writable: tokenizing '{spec}' in memory (set data.cache_dir "
+                      f"or ${data_cache.ENV} to a folder you can write, or to off)")
+        folder = None
     if folder is None:
         ids, counts = data_tokens.collect(tokenizer, source.pieces(), separator, max_tokens)
     else:

@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import SlimlmError
+
 ENV = "SLIMLM_TOKEN_CACHE"
 DEFAULT = "~/.cache/slimlm/tokens"
 FORMAT = 1  # bump when what is written changes meaning
@@ -59,6 +61,16 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def writable(folder: Path) -> bool:
+    """Whether entries can be built in `folder` (created if need be): a read-only home directory
+    should not stop a run that could tokenize in memory."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
 def open_or_build(folder: Path, entry: str, build: Callable[[Callable[[np.ndarray], None]], dict],
                   describe: dict) -> tuple[np.ndarray, dict, bool]:
     """(ids, meta, built): the entry's ids memory-mapped, building it first with `build(sink)` (which
@@ -87,6 +99,10 @@ def _build(path: Path, build, describe: dict) -> None:
         meta = {**describe, **counts, "dtype": np.dtype(DTYPE).str, "format": FORMAT}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         os.replace(tmp, path)  # atomic: readers see a whole entry or none
+    except OSError as err:  # reading errors are SlimlmErrors already: this is the cache's own disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SlimlmError(f"cannot write the token cache in {path.parent}: {err.strerror}: free space there, or "
+                          f"set data.cache_dir / ${ENV} to another folder (off: no cache)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -273,3 +273,11 @@ def test_one_process_builds_an_entry_while_the_others_wait(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert (tmp_path / "log").read_text() == "built\n"
     assert entries(tmp_path / "cache") == ["entry"]
+
+
+def test_an_unwritable_cache_folder_falls_back_to_memory(tokenizer, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    path = _write(tmp_path / "c.txt", "Some text for the cache.")
+    with pytest.warns(UserWarning, match="is not writable: tokenizing .* in memory"):
+        stream = data.load_tokens(tokenizer, path, cache_dir=str(tmp_path / "file" / "cache"))
+    assert stream.ids.tolist() == tokenizer("Some text for the cache.").input_ids
