@@ -64,8 +64,11 @@ class Source:
             return
         done = 0
         for path in self.files:
-            for piece in _file_documents(path, self.text_field):
-                yield piece._replace(done=done + piece.done)
+            try:
+                for piece in _file_documents(path, self.text_field):
+                    yield piece._replace(done=done + piece.done)
+            except OSError as err:  # a disk or network file system failing mid-file
+                raise SlimlmError(f"cannot read {path}: {err.strerror or err}: check the file and its disk") from None
             done += _stat(path)[0]
 
     def documents(self) -> Iterator[str]:

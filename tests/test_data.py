@@ -225,11 +225,22 @@ def test_bad_bytes_unreadable_files_and_short_corpora(tokenizer, tmp_path):
         data.eval_windows(short, 256)
     with pytest.raises(SlimlmError, match="unknown separator 'x'"):
         data.load_tokens(tokenizer, str(tmp_path / "short.txt"), separator="x")
-    if os.geteuid() != 0:  # root reads any file
-        locked = _write(tmp_path / "locked.txt", "text")
-        os.chmod(locked, 0)
-        with pytest.raises(SlimlmError, match="cannot read .*locked.txt"):
-            data.load_tokens(tokenizer, locked, cache_dir="off")
+
+
+def test_an_unreadable_file_is_one_line(tokenizer, tmp_path, monkeypatch):
+    import pathlib
+
+    locked = _write(tmp_path / "locked.txt", "text")
+    opened = pathlib.Path.open
+
+    def refuse(self, *args, **kwargs):  # what chmod 000 does to anyone but root
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied")
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", refuse)
+    with pytest.raises(SlimlmError, match="cannot read .*locked.txt: Permission denied: check the path and its permissions"):
+        data.load_tokens(tokenizer, locked, cache_dir="off")
 
 
 def _write(path, text):
