@@ -1,113 +1,121 @@
-"""Text in, token windows out: plain text files, JSONL with a `text` field, or HF datasets by name."""
+"""Text in, token windows out. Sources (.txt, .jsonl, .parquet, folders, HF datasets: data_sources.py)
+are tokenized in bounded memory (data_tokens.py) into an on-disk token cache (data_cache.py) that later
+runs memory-map; this module turns the result into a TokenStream and cuts evaluation, calibration and
+training windows from it. Labeled JSONL (`text`, `label`) for classifiers is at the end.
+"""
 from __future__ import annotations
 
 import json
 import random
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import data_cache, data_sources, data_tokens
 from .errors import SlimlmError
 
-
-BUILTIN_TEXTS = ("python-docs:train", "python-docs:test")
-
-
-def python_docs(split: str) -> str:
-    """English prose of the Python documentation that ships with CPython (pydoc_data): text that is
-    on every machine with Python, hub or not. Every 5th topic (sorted by name) is the test split."""
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    chosen = [n for i, n in enumerate(names) if (i % 5 == 4) == (split == "test")]
-    return "\n\n".join(topics[n] for n in chosen)
+SEPARATORS = data_tokens.SEPARATORS
 
 
-FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".md")
-
-
-def read_text(spec: str, split: str = "test") -> str:
-    """Read a whole corpus as one string. Documents are joined with a blank line (the WikiText
-    protocol of the SparseGPT/Wanda evaluations joins its lines with "\\n\\n"). `split`: the split of a
-    dataset spec that names none (train for training and calibration, test for evaluation)."""
-    path = Path(spec).expanduser()
-    if spec in BUILTIN_TEXTS:
-        return python_docs(spec.split(":")[1])
-    if path.is_file():
-        if path.suffix == ".jsonl":
-            docs = []
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        docs.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise SlimlmError(f"{spec}, line {lineno}: expected a JSON object with a 'text' field") from None
-            text = "\n\n".join(docs)
-        else:
-            text = path.read_text(encoding="utf-8", errors="replace")
-    elif path.exists():
-        raise SlimlmError(f"{spec} is not a file: give a .txt or .jsonl file, or a dataset name")
-    elif looks_like_dataset(spec):
-        text = _read_hf_dataset(spec, split)
-    else:
-        raise SlimlmError(f"data not found: {spec} (give a .txt or .jsonl file, or a dataset name like "
-                          "wikitext:wikitext-2-raw-v1:test)")
+def read_text(spec: str, split: str = "test", text_field: str = "text") -> str:
+    """A whole (small) corpus as one string, documents joined with a blank line (the WikiText protocol
+    of the SparseGPT/Wanda evaluations joins its lines with "\n\n"). `split`: the split of a dataset
+    spec that names none (train for training and calibration, test for evaluation)."""
+    text = data_tokens.JOIN.join(data_sources.resolve(spec, split, text_field).documents())
     if not text.strip():
         raise SlimlmError(f"data '{spec}' is empty")
     return text
 
 
-def looks_like_dataset(spec: str) -> bool:
-    """A spec that is not a path (no ./ / ~ prefix, no file suffix) is a dataset `name[:config[:split]]`
-    ('wikitext:wikitext-2-raw-v1:test', 'Salesforce/wikitext:wikitext-2-raw-v1')."""
-    name = spec.split(":")[0]
-    return (bool(name) and spec.count(":") <= 2 and not spec.startswith((".", "/", "~"))
-            and not name.lower().endswith(FILE_SUFFIXES) and name.count("/") <= 1)
-
-
-def parse_dataset_spec(spec: str, split: str) -> tuple[str, str | None, str]:
-    """(name, config or None, split) of 'name[:config[:split]]'; empty parts take the defaults."""
-    name, config, given = (spec.split(":") + [None, None])[:3]
-    return name, config or None, given or split
-
-
-def _read_hf_dataset(spec: str, split: str) -> str:
-    try:
-        import datasets
-    except ImportError:
-        raise SlimlmError(f"'{spec}' is not a local file; loading hub datasets needs `pip install datasets`") from None
-    name, config, split = parse_dataset_spec(spec, split)
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as err:  # the hub raises many types; report one line
-        raise SlimlmError(f"could not load dataset '{spec}' (split {split}): {str(err).splitlines()[0]}") from None
-    if "text" not in ds.column_names:
-        raise SlimlmError(f"dataset '{spec}' has no 'text' column (it has {', '.join(ds.column_names)})")
-    return "\n\n".join(ds["text"])
-
-
 @dataclass
 class TokenStream:
-    ids: torch.Tensor  # 1-D LongTensor of the whole tokenized corpus
+    ids: torch.Tensor  # 1-D integer tensor of the whole tokenized corpus (int32 memory-mapped from the cache)
     source: str
     bos_added: bool  # the tokenizer put its BOS token in front (models trained that way expect one)
     bos_id: int | None = None  # the tokenizer's BOS token, if it has one
+    separator: str = "text"  # how documents were joined: a blank line (text) or the EOS token (eos)
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def window(self, start: int, length: int) -> torch.Tensor:
+        return self.ids[start:start + length].long()
 
 
 def tokenize(tokenizer, text: str, source: str) -> TokenStream:
-    """Tokenize once, as the whole corpus (no per-document truncation)."""
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    """Tokenize one text as one string (no per-document truncation), in bounded memory."""
+    ids, _ = data_tokens.collect(tokenizer, [data_sources.Piece(text, True, 0)], "text")
+    return _stream(tokenizer, ids, source, "text")
+
+
+def load_tokens(tokenizer, spec: str, split: str = "test", separator: str = "text", text_field: str = "text",
+                streaming: bool = False, max_tokens: int | None = None, cache_dir: str | None = None) -> TokenStream:
+    """Tokenized text of `spec`, through the token cache. `split` as in read_text (pass 'train' for
+    training and calibration). `separator`: 'text' (documents joined by a blank line and tokenized as
+    one string: the SparseGPT/Wanda protocol, used for evaluation and calibration) or 'eos' (each
+    document followed by the model's EOS token: training). `max_tokens`: stop after that many (a
+    streamed dataset is read only that far). `cache_dir`: see data_cache.location."""
+    source = data_sources.resolve(spec, split, text_field, streaming)
+    data_tokens.separator_ids(tokenizer, separator)  # an unknown separator fails before any reading
+    settings = {"separator": separator, "max_tokens": max_tokens or None}
+    folder = data_cache.location(cache_dir)
+    if folder is not None and not data_cache.writable(folder):
+        warnings.warn(f"token cache {folder} is not writable: tokenizing '{spec}' in memory (set data.cache_dir "
+                      f"or ${data_cache.ENV} to a folder you can write, or to off)")
+        folder = None
+    if folder is None:
+        ids, counts = data_tokens.collect(tokenizer, source.pieces(), separator, max_tokens)
+    else:
+        entry = data_cache.key(source.fingerprint(), data_cache.tokenizer_identity(tokenizer), settings)
+        describe = {"source": spec, "fingerprint": source.fingerprint(), "settings": settings,
+                    "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__)}
+
+        def build(sink):
+            with _Progress(spec, source.total_bytes()) as progress:
+                return data_tokens.tokenize_pieces(tokenizer, source.pieces(), separator, sink, max_tokens, progress)
+
+        ids, counts, _ = data_cache.open_or_build(folder, entry, build, describe)
+    if counts["blank"] or not len(ids):
+        raise SlimlmError(f"data '{spec}' is empty")
+    return _stream(tokenizer, ids, spec, separator)
+
+
+def _stream(tokenizer, ids: np.ndarray, source: str, separator: str) -> TokenStream:
     bos = getattr(tokenizer, "bos_token_id", None)
+    ids = torch.from_numpy(ids) if isinstance(ids, np.ndarray) else ids
     return TokenStream(ids=ids, source=source, bos_added=bos is not None and len(ids) > 0 and int(ids[0]) == bos,
-                       bos_id=bos)
+                       bos_id=bos, separator=separator)
 
 
-def load_tokens(tokenizer, spec: str, split: str = "test") -> TokenStream:
-    """Tokenized text of `spec`; `split` as in read_text (pass 'train' for training and calibration)."""
-    return tokenize(tokenizer, read_text(spec, split), spec)
+def options(section: dict) -> dict:
+    """load_tokens' reading options from a recipe's `data:` section (the same for every file it names)."""
+    return {"text_field": section["text_field"], "streaming": section["streaming"], "cache_dir": section["cache_dir"]}
+
+
+class _Progress:
+    """A tqdm bar in bytes of text with tokens/s beside it, while a cache entry is built."""
+
+    def __init__(self, spec: str, total: int | None):
+        from tqdm.auto import tqdm
+
+        # delay: a corpus that tokenizes in a moment (every evaluation set) shows no bar at all
+        self.bar = tqdm(total=total, desc=f"tokenizing {spec}", unit="B", unit_scale=True, unit_divisor=1024,
+                        mininterval=1.0, delay=2.0)
+
+    def __call__(self, state: dict) -> None:
+        self.bar.update(state["bytes"] - self.bar.n)
+        elapsed = time.perf_counter() - state["start"]
+        self.bar.set_postfix_str(f"{state['tokens'] / max(elapsed, 1e-9) / 1e3:.0f}k tokens/s", refresh=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 BOS_MODES = ("auto", "window", "stream")
@@ -134,22 +142,28 @@ def eval_windows(stream: TokenStream, seqlen: int, max_windows: int | None = Non
     ids, width = stream.ids, seqlen
     if bos == "window":
         ids, width = (ids[1:] if stream.bos_added else ids), seqlen - 1
-    n = ids.numel() // width if width > 0 else 0
-    if n == 0:
-        raise SlimlmError(f"data '{stream.source}' has {stream.ids.numel()} tokens, fewer than one window "
-                          f"of {seqlen}: use more text or a smaller --seqlen")
+    n = window_count(stream, ids.numel(), width, seqlen)
     if max_windows:
         n = min(n, max_windows)
-    windows = ids[: n * width].reshape(n, width)
+    windows = ids[: n * width].reshape(n, width).long()
     if bos == "window":
         windows = torch.cat([torch.full((n, 1), stream.bos_id, dtype=windows.dtype), windows], dim=1)
     return windows
 
 
+def window_count(stream: TokenStream, n_tokens: int, width: int, seqlen: int) -> int:
+    """How many whole windows of `width` text tokens `n_tokens` of the stream hold; an error when none."""
+    n = n_tokens // width if width > 0 else 0
+    if n == 0:
+        raise SlimlmError(f"data '{stream.source}' has {len(stream)} tokens, fewer than one window "
+                          f"of {seqlen}: use more text or a smaller --seqlen (data.seqlen in a recipe)")
+    return n
+
+
 def calibration_windows(stream: TokenStream, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """nsamples windows at random offsets, drawn as the SparseGPT/Wanda reference code draws them
     (Python's random seeded with `seed`, randint(0, n_tokens - seqlen - 1))."""
-    n_tokens = stream.ids.numel()
+    n_tokens = len(stream)
     if n_tokens <= seqlen:
         raise SlimlmError(f"calibration data '{stream.source}' has {n_tokens} tokens, too few for one window "
                           f"of {seqlen}: use more text or a smaller --seqlen")
@@ -157,7 +171,7 @@ def calibration_windows(stream: TokenStream, nsamples: int, seqlen: int, seed: i
         raise SlimlmError(f"--nsamples must be at least 1, got {nsamples}")
     rng = random.Random(seed)
     starts = [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([stream.ids[s : s + seqlen] for s in starts])
+    return torch.stack([stream.window(s, seqlen) for s in starts])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 from . import methods, models
 from . import recipe as recipes
-from .data import load_tokens
+from .data import load_tokens, options
 from .errors import SlimlmError
 from .methods.ast import ONE_SHOT, SparseTraining
 from .ops.sparsity import is_valid_nm
@@ -125,9 +125,12 @@ class TrainerParts:
         spec = text or self.recipe["data"]["train"]
         if not spec:
             raise SlimlmError("no training text: set data.train=FILE in the recipe or pass train_dataset(text=FILE)")
-        windows = as_dataset(load_tokens(self.tokenizer, spec, split="train"), self.recipe["data"]["seqlen"])
+        d = self.recipe["data"]
+        stream = load_tokens(self.tokenizer, spec, split="train", separator=d["separator"], max_tokens=d["max_tokens"],
+                             **options(d))
+        windows = as_dataset(stream, d["seqlen"])
         t = self.recipe["train"]
-        return EngineOrder(windows.windows, self.recipe["seed"], t["steps"] * t["grad_accum"] * t["batch_size"])
+        return EngineOrder(windows, self.recipe["seed"], t["steps"] * t["grad_accum"] * t["batch_size"])
 
     # -- the loss --------------------------------------------------------------------------------------
     def _record_inputs(self, module, args, kwargs):
@@ -200,7 +203,8 @@ class EngineOrder(torch.utils.data.IterableDataset):
     {"input_ids", "labels"} (labels = the inputs: the loss shifts them). Iterable, so the Trainer does not
     reshuffle it; on resume it skips the batches already consumed."""
 
-    def __init__(self, windows: torch.Tensor, seed: int, count: int):
+    def __init__(self, windows, seed: int, count: int):
+        """`windows`: anything with len() whose item i is window i (train.datasets.Windows, a 2-D tensor)."""
         self.windows, self.seed, self.count = windows, seed, count
 
     def __len__(self) -> int:

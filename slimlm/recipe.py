@@ -18,8 +18,13 @@ from .errors import SlimlmError, reading
 DEFAULTS = {
     "model": "smollm2-135m",
     "seed": 0,
-    # text data is packed into windows of seqlen tokens; labeled JSONL (classifiers) is cut at max_length
-    "data": {"train": None, "valid": None, "seqlen": 256, "eval_windows": 16, "max_length": 128},
+    # text data is packed into windows of seqlen tokens; labeled JSONL (classifiers) is cut at max_length.
+    # Training text: each document followed by the model's EOS (separator: eos) or joined by a blank line
+    # (text, the protocol validation and calibration always use); text_field names the text of .jsonl,
+    # .parquet and datasets; a streamed dataset is read as it arrives, max_tokens (0: all) of it.
+    # Tokens are cached in cache_dir (null: $SLIMLM_TOKEN_CACHE or ~/.cache/slimlm/tokens; off: no cache)
+    "data": {"train": None, "valid": None, "seqlen": 256, "eval_windows": 16, "max_length": 128,
+             "separator": "eos", "text_field": "text", "streaming": False, "max_tokens": 0, "cache_dir": None},
     "train": {
         "steps": 100, "batch_size": 4, "grad_accum": 1, "lr": 2e-4, "min_lr_ratio": 0.1,
         # auto: warmup_fraction of the steps (train/budget.py)
@@ -76,6 +81,7 @@ DEFAULTS = {
 }
 
 CHOICES = {
+    "data.separator": ("eos", "text"),
     "parallel.strategy": ("ddp", "fsdp"),
     "parallel.mixed_precision": ("none", "bf16"),
     "method.name": ("ast", "naive", "gmp", "finetune", "movement", "lpaf"),
@@ -96,7 +102,7 @@ CHOICES = {
 
 # keys that may differ between a run and its resume (they do not change the trajectory)
 RESUME_FREE = {"train.eval_every", "train.save_every", "train.keep_checkpoints",
-               "train.log_every", "train.tensorboard", "data.eval_windows", "data.valid",
+               "train.log_every", "train.tensorboard", "data.eval_windows", "data.valid", "data.cache_dir",
                "parallel.strategy", "parallel.cpu_offload", "parallel.shard_teacher"}
 # keys a resume may change although they change the trajectory: the way out of a divergence (said on resume)
 RESUME_ADJUSTABLE = {"train.lr"}

@@ -55,6 +55,20 @@ def build_model(arch: str, seed: int = 0, **kw):
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def token_cache(tmp_path_factory):
+    """Every test's token cache in a temporary folder (never ~/.cache); subprocesses inherit it."""
+    import os
+
+    folder = tmp_path_factory.mktemp("token-cache")
+    old, os.environ["SLIMLM_TOKEN_CACHE"] = os.environ.get("SLIMLM_TOKEN_CACHE"), str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("SLIMLM_TOKEN_CACHE")
+    else:
+        os.environ["SLIMLM_TOKEN_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()

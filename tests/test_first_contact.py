@@ -63,6 +63,11 @@ def test_the_default_window_is_clamped_to_the_position_table_and_said(model_dirs
 class FakeDataset(dict):
     column_names = property(lambda self: list(self))
 
+    def iter(self, batch_size):
+        n = len(next(iter(self.values())))
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self.items()}
+
 
 @pytest.fixture
 def hub(monkeypatch):

@@ -190,9 +190,10 @@ def test_factorize_dispatches():
     W = torch.randn(24, 16, generator=g)
     mask = row_mask(W.abs(), 0.5)
     scores, fisher = torch.rand(24, 16, generator=g), torch.rand(24, 16, generator=g)
-    assert FACTORIZATIONS == ("svd", "fisher", "sparsity-aware")
+    gram = torch.randn(16, 64, generator=g) @ torch.randn(64, 16, generator=g)
+    assert FACTORIZATIONS == ("svd", "fisher", "sparsity-aware", "activation")
     for method in FACTORIZATIONS:
-        A, B = factorize(method, W, 4, mask=mask, scores=scores, fisher=fisher, iters=3)
+        A, B = factorize(method, W, 4, mask=mask, scores=scores, fisher=fisher, iters=3, gram=gram @ gram.T)
         assert A.shape == (24, 4) and B.shape == (4, 16)
     # 'svd' with a mask factors the pruned matrix
     A, B = factorize("svd", W, 4, mask=mask)

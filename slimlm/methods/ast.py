@@ -20,7 +20,7 @@ import torch
 
 from ..ops import masked, sharded, slorb
 from .. import models
-from ..data import calibration_windows, load_tokens
+from ..data import calibration_windows, load_tokens, options
 from ..errors import SlimlmError
 from ..eval.layers import layer_stats, totals
 from ..prune import calibration_input_norms, prune
@@ -70,7 +70,8 @@ class SparseTraining(Method):
         keep_dense = cfg["init"] in ONE_SHOT and (cfg["init_pruned"] == "dense" or cfg["slorb"]["enabled"])
         dense = {n: m.weight.detach().clone() for n, m in self.targets.items()} if keep_dense else {}
         if cfg["init"] in ONE_SHOT or self.score == "activation":
-            calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"], split="train")
+            calib = load_tokens(self.tokenizer, cfg["calib"] or self.recipe["data"]["train"], split="train",
+                                **options(self.recipe["data"]))  # the calibration protocol: text joined by blank lines
             windows = calibration_windows(calib, cfg["nsamples"], self.recipe["data"]["seqlen"], self.recipe["seed"])
             if cfg["init"] in ONE_SHOT:  # the one-shot mask (SparseGPT also updates the kept weights)
                 prune(model, self.targets, cfg["init"], sp, windows, input_norms=self.input_scale)

@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import torch
 
-from ..data import LabeledExamples, TokenStream, eval_windows
+from ..data import LabeledExamples, TokenStream, window_count
 from ..eval.perplexity import accuracy, perplexity
 
 
 class Windows:
+    """Window i is tokens [i * seqlen, (i + 1) * seqlen) of the stream, the remainder dropped. Windows are
+    cut when asked for, so a memory-mapped corpus of any size is never copied whole."""
     metric = "val_ppl"
 
     def __init__(self, stream: TokenStream, seqlen: int):
         self.stream, self.seqlen = stream, seqlen
-        self.windows = eval_windows(stream, seqlen)
+        self.count = window_count(stream, len(stream), seqlen, seqlen)
         self.source = stream.source
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.stream.window(index * self.seqlen, self.seqlen)
 
     def get(self, indices: list[int]) -> dict:
-        return {"input_ids": self.windows[indices]}
+        return {"input_ids": torch.stack([self[i] for i in indices])}
 
     def score(self, model, max_batches: int | None) -> float:
         return perplexity(model, self.stream, self.seqlen, max_windows=max_batches)["perplexity"]

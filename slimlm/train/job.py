@@ -34,8 +34,10 @@ def load_model_and_data(recipe: dict, device: str = "cpu"):
     if kind == "causal-lm":
         models.fit_seqlen(config, d["seqlen"], "data.seqlen")  # refuses windows past the position table
         loaded = models.load(recipe["model"], device=device)
-        train = data.load_tokens(loaded.tokenizer, d["train"], split="train")
-        valid = data.load_tokens(loaded.tokenizer, d["valid"], split="validation") if d["valid"] else None
+        train = data.load_tokens(loaded.tokenizer, d["train"], split="train", separator=d["separator"],
+                                 max_tokens=d["max_tokens"], **data.options(d))
+        # validation keeps the perplexity protocol of `slimlm eval` (documents joined by a blank line)
+        valid = data.load_tokens(loaded.tokenizer, d["valid"], split="validation", **data.options(d)) if d["valid"] else None
         return loaded, train, valid
     trains = "sequence-classification" if kind == "encoder" else kind  # a plain encoder gets a head
     if trains not in methods.get(recipe["method"]["name"]).kinds:
