@@ -19,7 +19,7 @@ a CPU, several on one GPU. A row whose result file exists is not run again (the 
 
     python benchmarks/lpaf_claim.py                     # the CPU experiment (about 1.5 h on 2 cores, alone)
     python benchmarks/lpaf_claim.py --preset gpu        # the reference budget: 10 epochs, 128 tokens
-    python benchmarks/lpaf_claim.py --preset gpu --scale 0.01 --runs runs/rehearsal   # its CPU rehearsal
+    python benchmarks/lpaf_claim.py --preset gpu --scale 0.01 --device cpu --runs runs/rehearsal   # its CPU rehearsal
 """
 from __future__ import annotations
 
@@ -254,6 +254,7 @@ def main():
     ap.add_argument("--runs", default="runs/lpaf-claim")
     ap.add_argument("--out", default="benchmarks/results/lpaf_claim")
     ap.add_argument("--jobs", type=int, help="rows run at once (default: the preset's)")
+    ap.add_argument("--device", help="cpu or cuda (default: the preset's; a rehearsal of the GPU preset: cpu)")
     ap.add_argument("--pruned-weight", type=float, default=0.1, help="sparsity-aware init: weight of pruned entries")
     ap.add_argument("--only", help="comma-separated row names (default: the whole grid)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # one row, in this process (the driver's workers)
@@ -286,7 +287,7 @@ def run_parallel(args, names: list[str]) -> None:
     """Each row in its own process, `jobs` at a time; a failed row is reported and the rest go on."""
     pending, running = list(names), []
     forwarded = ["--preset", args.preset, "--scale", str(args.scale), "--data", args.data, "--runs", args.runs,
-                 "--pruned-weight", str(args.pruned_weight)]
+                 "--pruned-weight", str(args.pruned_weight), "--device", args.device]
     while pending or running:
         while pending and len(running) < args.jobs:
             name = pending.pop(0)

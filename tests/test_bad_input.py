@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 
 from slimlm.cli import main
 
-DATA_XFAIL = pytest.mark.xfail(strict=False, reason="data errors come with issue 18")
 
 
 @dataclass
@@ -438,10 +437,9 @@ CASES = {
     "teacher-with-another-tokenizer": teacher_with_another_tokenizer,
     # data
     "jsonl-text-missing": jsonl("nofield", b'{"body": "x"}\n', ["line 1"]),
-    "jsonl-text-number": pytest.param(jsonl("number", b'{"text": 5}\n', ["line 1"]), marks=DATA_XFAIL),
-    "jsonl-text-null": pytest.param(jsonl("null", b'{"text": null}\n', ["line 1"]), marks=DATA_XFAIL),
-    "jsonl-not-utf8": pytest.param(jsonl("latin1", '{"text": "caf\xe9"}\n'.encode("latin-1"), ["UTF-8"]),
-                                   marks=DATA_XFAIL),
+    "jsonl-text-number": jsonl("number", b'{"text": 5}\n', ["line 1"]),
+    "jsonl-text-null": jsonl("null", b'{"text": null}\n', ["line 1"]),
+    "jsonl-not-utf8": jsonl("latin1", '{"text": "caf\xe9"}\n'.encode("latin-1"), ["UTF-8"]),
     "recipe-not-utf8": non_utf8_recipe,
     "data-is-a-folder": data_is_folder,
     "missing-relative-model": missing_relative("model"),
