@@ -118,17 +118,24 @@ def test_movement_keep_follows_the_cubic_schedule_and_masks_match(classifier, br
     for name in report["parameters"]["targets"]:
         w = model.get_submodule(name).weight
         assert int((w != 0).sum()) == w.numel() - int(w.numel() * 0.75)
+    # the head and the pooler stay dense: they are not targets
+    outside = [(n, m.weight) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ("pooler" in n or "classifier" in n)]
+    assert {n for n, _ in outside} & {"classifier"} and not {n for n, _ in outside} & set(report["parameters"]["targets"])
+    assert all(bool((w != 0).all()) for _, w in outside)
 
 
 def report_history(folder):
     return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_movement_resume_is_bitwise_identical(classifier, brown, tmp_path):
+@pytest.mark.parametrize("score", ["learned", "sensitivity"])
+def test_movement_resume_is_bitwise_identical(classifier, brown, tmp_path, score):
     from slimlm import data, models
     from slimlm.train.engine import Trainer
 
-    rec = small("movement", classifier, brown, "train.save_every=5", "method.distill.enabled=true")
+    rec = small("movement", classifier, brown, "train.save_every=5", "method.distill.enabled=true",
+                f"method.movement.score={score}", "train.warmup_steps=1", "method.movement.start_fraction=0.1")
 
     def build(run_dir):
         loaded = models.load(rec["model"])
