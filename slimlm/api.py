@@ -80,7 +80,8 @@ def save(model: nn.Module, path: str | Path, tokenizer=None) -> None:
 
 def factorize(model: nn.Module, keep: float = 0.25, init: str = "svd", data=None, tokenizer=None,
               scores: dict | None = None, include: list[str] | None = None, ignore: list[str] | None = None,
-              nsamples: int = 8, seqlen: int | None = None, seed: int = 0, iters: int = 20) -> dict[str, int]:
+              nsamples: int = 8, seqlen: int | None = None, seed: int = 0, iters: int = 20,
+              pruned_weight: float = 0.1) -> dict[str, int]:
     """Replace the target layers of an in-memory model by low-rank factors (LowRankLinear, y = A(Bx) + b),
     in place, each at the rank that holds at most `keep` of its weights: r = floor(keep*out*in/(out+in)).
     Returns {layer name: rank}; `model.config.slimlm_lowrank` records them (`slimlm.save` then
@@ -98,7 +99,10 @@ def factorize(model: nn.Module, keep: float = 0.25, init: str = "svd", data=None
     - "sparsity-aware": a pruned model (e.g. after slimlm.oneshot): the mask is its non-zero weights and
       the kept entries are fitted weighted by importance `scores`: {layer: (out, in) tensor} if given,
       else |W| times the calibration inputs' column norms ||x_j|| (Wanda's score) when `data` is text or
-      token windows, else |W|. The pruned entries are left free.
+      token windows, else |W|. The pruned entries are pulled toward zero with weight `pruned_weight`
+      (0 leaves them free: the factors then drift further from the pruned layer than a zero output).
+    - "activation": `data` as for "fisher"; fits each layer's *output* on the inputs it sees there
+      (the truncated SVD of W L mapped back by L^-1, X X^T = L L^T): the closest rank-r layer in function.
     iters: iterations of the weighted fit (sparsity-aware).
 
     A missing requirement is a SlimlmError that says what to pass.
@@ -110,12 +114,17 @@ def factorize(model: nn.Module, keep: float = 0.25, init: str = "svd", data=None
         if isinstance(module, LowRankLinear):
             raise SlimlmError(f"layer '{name}' is already low-rank: factorize the model it came from, or "
                               "ignore= it")
-    fisher, norms = None, None
-    if init == "fisher":
+    fisher, norms, grams = None, None, None
+    if init in ("fisher", "activation"):
         if data is None:
-            raise SlimlmError("init='fisher' needs data to compute the Fisher information: pass data= "
+            raise SlimlmError(f"init='{init}' needs data (the Fisher information, or the layers' inputs): pass data= "
                               "(texts with tokenizer=, token windows, or labeled batches), or use init='svd'")
-        fisher = _fisher(model, targets, _batches(model, data, tokenizer, nsamples, seqlen, seed))
+        batches = _batches(model, data, tokenizer, nsamples, seqlen, seed)
+        if init == "fisher":
+            fisher = _fisher(model, targets, batches)
+        else:
+            from .methods.lpaf import input_grams
+            grams = input_grams(model, targets, batches)
     if init == "sparsity-aware":
         dense = [n for n, m in targets.items() if bool((linear_view(m)[0] != 0).all())]
         if dense:
@@ -137,7 +146,8 @@ def factorize(model: nn.Module, keep: float = 0.25, init: str = "svd", data=None
                 mask = weight != 0
                 layer_scores = _scores(name, weight, scores, norms)
             A, B = factor_matrix(init, weight, rank, mask=mask, scores=layer_scores,
-                                 fisher=fisher[name] if fisher else None, iters=iters)
+                                 fisher=fisher[name] if fisher else None, iters=iters, pruned_weight=pruned_weight,
+                                 gram=grams[name].to(weight.device) if grams else None)
             replace_module(model, name, LowRankLinear.from_factors(A, B, bias))
             ranks[name] = rank
     model.config.slimlm_lowrank = {**(getattr(model.config, "slimlm_lowrank", None) or {}), **ranks}

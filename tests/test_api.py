@@ -216,3 +216,26 @@ def test_runtime_load_of_a_24_model_on_cuda(folders):
     torch.testing.assert_close(probe_logits(fast), probe_logits(plain), rtol=1e-2, atol=1e-2)
     # tiny layers may be refused by the kernel: then they say why and stay dense
     assert all("2:4" in b for b in fast.slimlm_backends.values()), fast.slimlm_backends
+
+
+def test_factorize_activation_fits_each_layer_output_on_the_calibration_inputs(tokenizer, text_file):
+    from slimlm.methods.lpaf import input_grams
+    from slimlm.ops.lowrank import output_error
+
+    with pytest.raises(SlimlmError, match="init='activation' needs data"):
+        slimlm.factorize(build_model("llama"), init="activation")
+    windows = data.calibration_windows(data.load_tokens(tokenizer, str(text_file), split="train"), 4, 32, 0)
+    base = build_model("llama")
+    targets = find_targets(base)
+    grams = input_grams(base, targets, [{"input_ids": w[None]} for w in windows])
+    weights = {n: weight_matrix(m).detach().clone() for n, m in targets.items()}
+    errors = {}
+    for init in ("svd", "activation"):
+        model = build_model("llama")
+        model.load_state_dict(base.state_dict())
+        slimlm.factorize(model, keep=0.25, init=init, data=windows if init == "activation" else None)
+        # each layer against its own inputs in the dense model (the grams above)
+        errors[init] = [output_error(weights[n], model.get_submodule(n).up.weight, model.get_submodule(n).down.weight,
+                                     grams[n]) for n in targets]
+    # factorize measures every layer's inputs before it replaces any: the same grams, and its fit is their optimum
+    assert all(a <= s * 1.0001 for a, s in zip(errors["activation"], errors["svd"]))
