@@ -70,7 +70,7 @@ DEFAULTS = {
         # first-order pruning: keep falls from 1 to `keep` on a cubic schedule that starts after the lr
         # warm-up (and at least start_fraction of the steps) and ends before the last hold_fraction, where
         # the mask is fixed; masks from scores (methods/movement.py) every mask_interval steps
-        "movement": {"score": "learned", "score_lr": 1.0e-2, "threshold": "matrix", "start_fraction": 0.1,
+        "movement": {"score": "learned", "score_lr": 1.0e-2, "score_init": "zero", "threshold": "matrix", "start_fraction": 0.1,
                      "hold_fraction": 0.2, "mask_interval": 1, "beta1": 0.85, "beta2": 0.95, "uncertainty": True},
         # lpaf: prune (movement over prune_fraction of the steps, or none: factorize the dense weights),
         # factorize, then mixed-rank fine-tuning for the rest
@@ -97,6 +97,7 @@ CHOICES = {
     "method.lpaf.factorization": ("svd", "fisher", "sparsity-aware", "activation"),
     "method.movement.score": ("learned", "sensitivity", "magnitude", "signed"),
     "method.movement.threshold": ("matrix", "global"),
+    "method.movement.score_init": ("zero", "magnitude"),
     "method.lpaf.mixed": ("probability", "rank", "none"),
 }
 

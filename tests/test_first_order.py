@@ -161,3 +161,13 @@ def test_sparsity_aware_init_with_pruned_entries_weighted_stays_close_to_the_lay
     held = output_error(pruned, *sparsity_aware_svd(W, mask, scores, rank, pruned_weight=0.1), torch.eye(64))
     plain = output_error(pruned, *truncated_svd(pruned, rank), torch.eye(64))
     assert plain < held < 1.0 < free  # free: worse than outputting zero; held: better than that
+
+
+def test_learned_scores_start_at_zero_or_at_the_normalised_magnitude():
+    for init in ("zero", "magnitude"):
+        hooks, layer, _ = _layer_run("learned", 8, f"method.movement.score_init={init}")
+        assert scores_of(layer).shape == layer.weight.shape
+    hooks = _method("learned", "method.movement.score_init=magnitude")
+    w = torch.tensor([[1.0, -3.0], [0.5, 1.5]])
+    assert torch.allclose(hooks._initial_scores(w, torch.zeros(2, 2)), w.abs() / 1.5)
+    assert torch.equal(_method("learned")._initial_scores(w, torch.zeros(2, 2)), torch.zeros(2, 2))

@@ -7,7 +7,8 @@ fraction of each matrix (`threshold: matrix`) or of all targets together (`globa
 - `learned` (movement pruning as practised, Sanh et al. 2020): S is a parameter trained by AdamW at its
   own learning rate (`score_lr`, 1e-2 in the reference code: 100x the weights') through a
   straight-through top-k, dL/dS = dL/dW' * W. Pruned weights get no gradient; their score can still
-  bring them back.
+  bring them back. S starts at zero (`score_init: zero`, the reference) or at the normalised |W|
+  (`magnitude`, for runs too short for the scores to learn a ranking from nothing).
 - `sensitivity` (PLATON/PINS, from LPAF's authors): the EMA of |W' * dL/dW'| times its uncertainty
   (EMA of the deviation), or the EMA alone (`uncertainty: false`). Pruned weights score 0 and stay out.
 - `magnitude`: |W'| (gradual magnitude pruning, Zhu & Gupta): the control that separates the schedule
@@ -68,14 +69,24 @@ class MovementPruning(Method):
             weight = masked.dense_weight(module)
             ones = torch.ones_like(weight, dtype=torch.bool)
             zeros = torch.zeros_like(weight, dtype=torch.float32)
-            if score == "learned":  # equal scores: the first cut follows what training taught them
-                masked.attach_scored_mask(module, ones, zeros)
+            if score == "learned":
+                masked.attach_scored_mask(module, ones, self._initial_scores(weight, zeros))
                 continue
             masked.attach_mask(module, ones, ste=True)  # every entry's gradient, for its score
             parametrization = module.parametrizations.weight[0]
             parametrization.register_buffer("scores", zeros)
             if score == "sensitivity":
                 parametrization.register_buffer("uncertainty", zeros.clone())
+
+    def _initial_scores(self, weight: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """`zero` (the reference): equal scores, the first cut follows only what training taught them.
+        `magnitude` (our option): |W| / mean |W| of the matrix, so that a short run, whose scores move by at
+        most score_lr per step, starts from magnitude pruning's ranking and moves entries near the
+        threshold instead of ranking by a few steps of noise."""
+        if self.mv["score_init"] == "zero":
+            return zeros
+        magnitude = weight.detach().abs().float()
+        return magnitude / magnitude.mean().clamp(min=1e-12)
 
     def configure_optimizer(self, optimizer) -> None:
         """Learned scores: their own AdamW group, no weight decay, at score_lr (following the lr schedule)."""
