@@ -44,6 +44,8 @@ PRESETS = {  # steps: first-order stage (= LPAF's fine-tuning stage; baselines g
     "gpu": dict(steps=1150, batch_size=32, max_length=128, teacher_steps=2300, teacher_eval=230, jobs=8, device="cuda"),
 }
 FIRST_ORDER = ("magnitude", "learned", "sensitivity", "signed")
+# row names carry a score token; `learned+mag`: learned scores starting from the normalised |W|
+SCORE_SETTINGS = {"learned+mag": ["method.movement.score=learned", "method.movement.score_init=magnitude"]}
 INITS = ("svd", "sparsity-aware", "activation")
 
 
@@ -142,7 +144,8 @@ def run_teacher(args) -> dict:
 def first_order_recipe(args, score: str, keep: str, seed: int) -> dict:
     """LPAF's recipe whose first stage is this first-order run (STEPS), its second stage STEPS more."""
     return spec(args, "lpaf", "model=minilm-l6", f"method.keep={keep}", f"train.steps={2 * args.steps}",
-                f"method.movement.score={score}", f"method.distill.teacher={teacher_dir(args)}", seed=seed)
+                *SCORE_SETTINGS.get(score, [f"method.movement.score={score}"]),
+                f"method.distill.teacher={teacher_dir(args)}", seed=seed)
 
 
 def first_order_stage(args, score: str, keep: str, seed: int, finished: bool):
@@ -311,8 +314,9 @@ def collect(args, results: Path) -> None:
     out = [{**r, **{k: v for k, v in meta.items() if k not in r}} for r in rows_]
     Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=1))
-    curves = {s: Path(args.runs) / f"curves-{s}.pt" for s in FIRST_ORDER}
-    if all(p.exists() for p in curves.values()):
+    curves = {s: Path(args.runs) / f"curves-{s}.pt" for s in (*FIRST_ORDER, *SCORE_SETTINGS)}
+    curves = {s: p for s, p in curves.items() if p.exists()}
+    if curves:
         from slimlm import models
         from slimlm.eval.spectra import energy_curves, plot_spectra
         dense = models.load(str(teacher_dir(args))).model
