@@ -200,7 +200,7 @@ def factorize_and_finetune(args, rec, model, targets, teacher, train, names, tok
               for n, layer in layers.items()]
     for layer in layers.values():
         layer.use_lowrank = True
-    init_acc = test_accuracy(args, model, tokenizer, names, max_examples=600)  # the first 600: a quick look
+    init_acc = test_accuracy(args, model, tokenizer, names)
     _, hooks = lpaf_finetune(model, rec, teacher, layers, train, None, run_dir)
     ranks = {n: (layer.lowrank.rank, min(before[n].shape)) for n, layer in layers.items()}
     hooks.export(model)
