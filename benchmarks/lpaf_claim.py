@@ -43,7 +43,7 @@ PRESETS = {  # steps: first-order stage (= LPAF's fine-tuning stage; baselines g
     # ~10 epochs of 7.4k examples at batch 32 over both stages, 128 tokens, as the reference budget
     "gpu": dict(steps=1150, batch_size=32, max_length=128, teacher_steps=2300, teacher_eval=230, jobs=8, device="cuda"),
 }
-FIRST_ORDER = ("magnitude", "learned", "sensitivity", "signed")
+FIRST_ORDER = ("magnitude", "learned", "sensitivity")  # the removed `signed` score was measured at commit 3ddedf9
 # row names carry a score token; `learned+mag`: learned scores starting from the normalised |W|
 SCORE_SETTINGS = {"learned+mag": ["method.movement.score=learned", "method.movement.score_init=magnitude"]}
 INITS = ("svd", "sparsity-aware", "activation")
@@ -53,12 +53,12 @@ def phases(results: Path):
     """The grid, phase by phase (a phase starts when the one before it has finished). The 20% budget
     and the second seed use the first-order score that did better at 10% (learned or sensitivity)."""
     yield ["teacher"]
-    yield [f"fo-{s}-0.1-s0" for s in FIRST_ORDER] + [f"base-{f}-0.1-s0" for f in ("svd", "fisher")]
+    yield [f"fo-{s}-0.1-s0" for s in (*FIRST_ORDER, *SCORE_SETTINGS)] + [f"base-{f}-0.1-s0" for f in ("svd", "fisher")]
     best = max(("learned", "sensitivity"), key=lambda s: json.loads((results / f"fo-{s}-0.1-s0.json").read_text())["test_acc"]
                if (results / f"fo-{s}-0.1-s0.json").exists() else -1)
     later = (("0.2", 0), ("0.1", 1))
     yield ([f"fo-{best}-{k}-s{s}" for k, s in later] + [f"base-{f}-{k}-s{s}" for f in ("svd", "fisher") for k, s in later]
-           + [f"lpaf-{fo}-{init}-0.1-s0" for fo in ("learned", "sensitivity") for init in INITS])
+           + [f"lpaf-{fo}-{init}-0.1-s0" for fo in ("learned", "sensitivity", *SCORE_SETTINGS) for init in INITS])
     yield [f"lpaf-{best}-{init}-{k}-s{s}" for init in INITS for k, s in later]
 
 
@@ -314,8 +314,7 @@ def collect(args, results: Path) -> None:
     out = [{**r, **{k: v for k, v in meta.items() if k not in r}} for r in rows_]
     Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=1))
-    curves = {s: Path(args.runs) / f"curves-{s}.pt" for s in (*FIRST_ORDER, *SCORE_SETTINGS)}
-    curves = {s: p for s, p in curves.items() if p.exists()}
+    curves = {p.stem.removeprefix("curves-"): p for p in sorted(Path(args.runs).glob("curves-*.pt"))}
     if curves:
         from slimlm import models
         from slimlm.eval.spectra import energy_curves, plot_spectra

@@ -95,7 +95,7 @@ CHOICES = {
     "method.slorb.init": ("mean", "random"),
     "method.lpaf.prune": ("movement", "none"),
     "method.lpaf.factorization": ("svd", "fisher", "sparsity-aware", "activation"),
-    "method.movement.score": ("learned", "sensitivity", "magnitude", "signed"),
+    "method.movement.score": ("learned", "sensitivity", "magnitude"),
     "method.movement.threshold": ("matrix", "global"),
     "method.movement.score_init": ("zero", "magnitude"),
     "method.lpaf.mixed": ("probability", "rank", "none"),

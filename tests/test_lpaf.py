@@ -83,28 +83,30 @@ def test_eval_reports_accuracy_of_a_classifier(classifier, brown, tmp_path):
     assert result["correct"] == round(result["accuracy"] * 60)
 
 
-def test_movement_scores_follow_minus_w_times_grad_by_hand():
+def test_sensitivity_scores_of_a_layer_by_hand():
     layer = nn.Linear(3, 2, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
     model = nn.Sequential(layer)
-    rec = recipe.resolve("movement", ["method.distill.enabled=false", "method.movement.score=signed"])
+    rec = recipe.resolve("movement", ["method.distill.enabled=false", "method.movement.score=sensitivity"])
     hooks = MovementPruning(rec, total_steps=10)
     hooks.targets = {"0": layer}
     masked.attach_mask(layer, torch.ones(2, 3, dtype=torch.bool), ste=True)
     layer.parametrizations.weight[0].register_buffer("scores", torch.zeros(2, 3))
+    layer.parametrizations.weight[0].register_buffer("uncertainty", torch.zeros(2, 3))
     masked.set_mask(layer, torch.tensor([[True, True, False], [True, False, True]]))
     x, c = torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([[1.0, -1.0]])
     (model(x) * c).sum().backward()
-    # dL/dW' = c^T x = [[1, 2, -1], [-1, -2, 1]]; score = -W * dL/dW'
-    expected = torch.tensor([[-1.0, 4.0, 0.5], [0.0, 6.0, 1.0]])
+    # dL/dW' = c^T x = [[1, 2, -1], [-1, -2, 1]]; W' = W * M; I = |W' dL/dW'| = [[1, 4, 0], [0, 0, 1]]
+    importance = torch.tensor([[1.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
     hooks.after_backward(0)
-    assert torch.equal(scores_of(layer), expected)
-    # pruned weights get no gradient of their own (they stay put while their score decides)
+    parametrization = layer.parametrizations.weight[0]
+    torch.testing.assert_close(parametrization.scores, 0.15 * importance)  # (1 - beta1) I
+    torch.testing.assert_close(parametrization.uncertainty, 0.05 * 0.85 * importance)  # (1 - beta2) |I - avg|
+    torch.testing.assert_close(hooks._ranking(layer), 0.15 * 0.0425 * importance**2)
+    # pruned weights get no gradient of their own, and score 0: pruned stays pruned
     grad = masked.dense_weight(layer).grad
     assert torch.equal(grad, torch.tensor([[1.0, 2.0, 0.0], [-1.0, 0.0, 1.0]]))
-    hooks.after_backward(1)
-    assert torch.equal(scores_of(layer), expected + expected * torch.tensor([[1, 1, 0], [1, 0, 1]]))
 
 
 def test_movement_keep_follows_the_cubic_schedule_and_masks_match(classifier, brown, tmp_path):

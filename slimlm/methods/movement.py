@@ -13,8 +13,8 @@ fraction of each matrix (`threshold: matrix`) or of all targets together (`globa
   (EMA of the deviation), or the EMA alone (`uncertainty: false`). Pruned weights score 0 and stay out.
 - `magnitude`: |W'| (gradual magnitude pruning, Zhu & Gupta): the control that separates the schedule
   from the criterion.
-- `signed`: the raw sum of -W * dL/dW' (our first implementation, kept for the comparison that showed
-  it pruning large weights on noise; see docs/benchmarks.md).
+(Our first version summed the raw signed -W * dL/dW'; on gradient noise that prunes large weights, and
+in the issue-16 experiment it collapsed to the majority class where sensitivity kept 89%: removed.)
 
 Schedule, relative to the run (METHODS.md's cubic): keep(t) = 1 until pruning starts, at
 max(lr warm-up, start_fraction of the steps), so the weights can adapt before they are cut; falls
@@ -35,9 +35,6 @@ from ..train import budget, distributed
 from ..train.distill import make_teacher
 from ..train.schedules import cubic
 from .base import Method, register
-
-SCORES = ("learned", "sensitivity", "magnitude", "signed")
-
 
 def scores_of(module) -> torch.Tensor:
     """The score the mask was last chosen by (learned: the parameter itself)."""
@@ -118,9 +115,7 @@ class MovementPruning(Method):
                 for name in ("scores", "uncertainty"):
                     if hasattr(parametrization, name):
                         parametrization.register_buffer(name, sharded.shard_like(getattr(parametrization, name), weight).clone())
-            if score == "signed":
-                parametrization.scores.add_(-(weight * weight.grad).float())
-            elif score == "sensitivity":
+            if score == "sensitivity":
                 update_sensitivity(parametrization.scores, parametrization.uncertainty, weight * mask, weight.grad,
                                    self.mv["beta1"], self.mv["beta2"])
             weight.grad.mul_(mask)  # pruned weights get no gradient of their own
