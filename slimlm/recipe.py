@@ -74,7 +74,7 @@ DEFAULTS = {
                      "hold_fraction": 0.2, "mask_interval": 1, "beta1": 0.85, "beta2": 0.95, "uncertainty": True},
         # lpaf: prune (movement over prune_fraction of the steps, or none: factorize the dense weights),
         # factorize, then mixed-rank fine-tuning for the rest
-        "lpaf": {"prune": "movement", "prune_fraction": 0.5, "factorization": "sparsity-aware", "svd_iters": 20,
+        "lpaf": {"prune": "movement", "prune_fraction": 0.5, "factorization": "activation", "svd_iters": 20,
                  "pruned_weight": 0.1,
                  "mixed": "probability", "mixed_fraction": 0.5, "calib_batches": 8, "merge": False},
     },

@@ -229,7 +229,8 @@ def test_lpaf_on_a_decoder_factorizes_the_dense_weights_with_fisher(model_dirs, 
 
 def test_lpaf_errors_name_the_problem(classifier, brown, model_dirs, tmp_path):
     with pytest.raises(SlimlmError, match="sparsity-aware needs pruning scores"):
-        train_run(small("lpaf", classifier, brown, "method.lpaf.prune=none"), str(tmp_path / "a"))
+        train_run(small("lpaf", classifier, brown, "method.lpaf.prune=none",
+                             "method.lpaf.factorization=sparsity-aware"), str(tmp_path / "a"))
     with pytest.raises(SlimlmError, match="method.keep"):
         small("lpaf", classifier, brown, "method.keep=1.5")
     with pytest.raises(SlimlmError, match="which the ast method does not train: use one of finetune, lpaf, movement"):
