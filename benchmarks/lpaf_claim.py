@@ -145,7 +145,9 @@ def first_order_recipe(args, score: str, keep: str, seed: int) -> dict:
     """LPAF's recipe whose first stage is this first-order run (STEPS), its second stage STEPS more."""
     return spec(args, "lpaf", "model=minilm-l6", f"method.keep={keep}", f"train.steps={2 * args.steps}",
                 *SCORE_SETTINGS.get(score, [f"method.movement.score={score}"]),
-                f"method.distill.teacher={teacher_dir(args)}", seed=seed)
+                f"method.distill.teacher={teacher_dir(args)}",
+                "method.lpaf.factorization=sparsity-aware",  # pinned: the stage's checkpoint records its recipe
+                seed=seed)
 
 
 def first_order_stage(args, score: str, keep: str, seed: int, finished: bool):

@@ -278,3 +278,14 @@ def test_inspect_plots_spectra_and_counts_factor_weights(classifier, brown, tmp_
         assert low["stored"] < d["stored"] and low["rank"] <= rank_for_budget(*d["shape"], 0.25)
     assert main(["inspect", str(out), "--labels", "a,b"]) == 2
     assert "--labels has 2 names for 1 models" in capsys.readouterr().err
+
+
+def test_lpaf_prunes_from_the_pretrained_model_with_the_finetuned_teacher(classifier, brown, model_dirs, tmp_path):
+    """Fine-pruning as in the reference: a fresh head on the pre-trained encoder, KD from the fine-tuned model."""
+    rec = small("lpaf", model_dirs["bert"], brown, f"method.distill.teacher={classifier}",
+                "method.movement.score=sensitivity", "train.warmup_steps=1")
+    report = train_run(rec, str(tmp_path / "fp"))
+    history = report_history(tmp_path / "fp")
+    assert all(h["kl"] > 0 for h in history[:3])  # a real teacher from the first step
+    assert report["labels"] == json.loads((classifier / "report.json").read_text())["labels"]
+    assert report["lowrank_ranks"]
