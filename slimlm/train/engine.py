@@ -32,7 +32,8 @@ class Hooks:
         """Change the model (masks, extra parameters) before the optimizer is built."""
 
     def configure_optimizer(self, optimizer: AdamW) -> None:
-        """Register per-parameter optimizer terms (e.g. AST's decay)."""
+        """Register per-parameter optimizer terms (e.g. AST's decay) or groups of the method's own; a group's
+        "lr_scale" multiplies the scheduled learning rate (learned movement scores run at 100x)."""
 
     def before_forward(self, step: int) -> None:
         """Called once per optimizer step, before its first micro-batch."""
