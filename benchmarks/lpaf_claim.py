@@ -185,8 +185,7 @@ def run_first_order(args, score: str, keep: str, seed: int) -> dict:
             "test_acc": test_accuracy(args, model, tokenizer, names), "kept_fraction": kept, **stats, "seconds": seconds}
 
 
-def factorize_and_finetune(args, rec, model, targets, teacher, train, names, tokenizer, steps_label: str,
-                           run_dir: Path) -> dict:
+def factorize_and_finetune(args, rec, model, targets, teacher, train, names, tokenizer, run_dir: Path) -> dict:
     """Factorize (recipe's init), measure the init, mixed-rank fine-tune; returns the row's numbers."""
     from slimlm.methods.lpaf import input_grams, lpaf_factorize, lpaf_finetune
     from slimlm.ops.lowrank import output_error
@@ -212,16 +211,15 @@ def factorize_and_finetune(args, rec, model, targets, teacher, train, names, tok
 
 
 def run_baseline(args, init: str, keep: str, seed: int) -> dict:
-    from slimlm.methods.lpaf import lpaf_prune_stage
+    from slimlm import models
     from slimlm.train.distill import make_teacher
     loaded, names = load_teacher(args)
     rec = spec(args, "lpaf", f"model={teacher_dir(args)}", f"method.keep={keep}", f"train.steps={2 * args.steps}",
                "method.lpaf.prune=none", f"method.lpaf.factorization={init}", "method.lpaf.mixed=none", seed=seed)
     teacher = make_teacher(loaded.model, rec["method"]["distill"], False)
     train = examples(args, loaded.tokenizer, names, "train")
-    _, model, targets = lpaf_prune_stage(loaded.model, rec, teacher, train, None, Path(args.runs) / "unused")
-    numbers = factorize_and_finetune(args, rec, model, targets, teacher, train, names, loaded.tokenizer, "",
-                                     Path(args.runs) / f"base-{init}-{keep}-s{seed}")
+    numbers = factorize_and_finetune(args, rec, loaded.model, models.find_targets(loaded.model), teacher, train, names,
+                                     loaded.tokenizer, Path(args.runs) / f"base-{init}-{keep}-s{seed}")
     return {"method": f"{init} + FT", "keep": float(keep), "seed": seed, "steps": 2 * args.steps, **numbers}
 
 
@@ -231,7 +229,7 @@ def run_lpaf(args, score: str, init: str, keep: str, seed: int) -> dict:
     rec["method"]["lpaf"]["factorization"] = init
     if init == "sparsity-aware":
         rec["method"]["lpaf"]["pruned_weight"] = args.pruned_weight
-    numbers = factorize_and_finetune(args, rec, model, targets, teacher, train, names, tokenizer, "",
+    numbers = factorize_and_finetune(args, rec, model, targets, teacher, train, names, tokenizer,
                                      Path(args.runs) / f"lpaf-{score}-{init}-{keep}-s{seed}")
     return {"method": f"lpaf ({score} scores, {init} init)", "score": score, "init": init, "keep": float(keep),
             "seed": seed, "steps": 2 * args.steps, **numbers}

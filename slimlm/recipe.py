@@ -255,7 +255,8 @@ def _parse_override(item: str) -> dict:
 # numbers that must lie in a range: key -> (low, high, low inclusive)
 RANGES = {"method.keep": (0.0, 1.0, False), "method.lpaf.prune_fraction": (0.0, 1.0, True),
           "method.lpaf.mixed_fraction": (0.0, 1.0, True), "method.movement.start_fraction": (0.0, 1.0, True),
-          "method.movement.hold_fraction": (0.0, 1.0, True), "method.movement.beta1": (0.0, 1.0, False), "method.movement.beta2": (0.0, 1.0, False),
+          "method.movement.hold_fraction": (0.0, 1.0, True), "method.movement.beta1": (0.0, 1.0, False),
+          "method.movement.beta2": (0.0, 1.0, False),
           "method.lpaf.pruned_weight": (0.0, 1.0, True), "method.decay.target_shrink": (0.0, 1.0, False),
           "method.mask_interval_fraction": (0.0, 1.0, False), "train.warmup_fraction": (0.0, 1.0, True),
           "method.mask_margin": (0.0, math.inf, True), "method.mask_interval_min": (1, math.inf, True),

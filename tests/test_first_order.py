@@ -171,3 +171,19 @@ def test_learned_scores_start_at_zero_or_at_the_normalised_magnitude():
     w = torch.tensor([[1.0, -3.0], [0.5, 1.5]])
     assert torch.allclose(hooks._initial_scores(w, torch.zeros(2, 2)), w.abs() / 1.5)
     assert torch.equal(_method("learned")._initial_scores(w, torch.zeros(2, 2)), torch.zeros(2, 2))
+
+
+def test_lpaf_sparsity_aware_init_weights_kept_entries_by_what_the_mask_was_chosen_by():
+    from slimlm.methods.lpaf import lpaf_factorize
+    from slimlm.methods.movement import importance
+    from slimlm.ops.lowrank import rank_for_budget
+
+    hooks, layer, _ = _layer_run("sensitivity")
+    rec = recipe.resolve("lpaf", ["method.lpaf.factorization=sparsity-aware", "method.movement.score=sensitivity",
+                                  "method.keep=0.5", "method.lpaf.svd_iters=3"])
+    weight, mask = masked.dense_weight(layer).detach().clone(), masked.get_mask(layer).clone()
+    ranked_by = importance(layer, hooks.mv)
+    assert torch.equal(ranked_by, scores_of(layer) * layer.parametrizations.weight[0].uncertainty)
+    layers = lpaf_factorize(nn.Sequential(layer), rec, {"0": layer}, train=None)
+    A, B = sparsity_aware_svd(weight, mask, ranked_by, rank_for_budget(6, 8, 0.5), iters=3, pruned_weight=0.1)
+    torch.testing.assert_close(layers["0"].lowrank.merged_weight(), A @ B)

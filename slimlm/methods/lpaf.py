@@ -28,7 +28,8 @@ from ..train.datasets import as_dataset, sample_batches
 from ..train.distill import distill_loss, make_teacher
 from ..train.engine import Trainer
 from .base import Method, RunContext, register
-from .movement import MovementPruning
+from ..prune.blockwise import InputStats
+from .movement import MovementPruning, importance
 
 
 def fisher_information(model, targets: dict, batches: list[dict], loss_fn) -> dict[str, torch.Tensor]:
@@ -48,52 +49,51 @@ def fisher_information(model, targets: dict, batches: list[dict], loss_fn) -> di
 
 @torch.no_grad()
 def input_grams(model, targets: dict, batches: list[dict]) -> dict[str, torch.Tensor]:
-    """X X^T of each target's inputs over the batches' tokens (in x in, float64): the second moments the
+    """X X^T of each target's inputs over the batches' tokens (in x in), accumulated by the calibration
+    statistics one-shot pruning uses (SparseGPT's Hessian before its scaling): the second moments the
     `activation` factorization fits the layer's output on. Padding positions are left out."""
-    grams = {name: torch.zeros(linear_view(m)[0].shape[1], linear_view(m)[0].shape[1], dtype=torch.float64)
-             for name, m in targets.items()}
-    keep: list[torch.Tensor | None] = [None]
+    device = next(model.parameters()).device
+    stats = {name: InputStats(linear_view(m)[0].shape[1], hessian=True, device=device) for name, m in targets.items()}
+    batch_positions: dict[str, torch.Tensor] = {}  # the current batch's non-padding tokens
 
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
-            if keep[0] is not None and keep[0].numel() == x.shape[0]:
-                x = x[keep[0]]
-            grams[name] += x.T @ x
-        return record
+    def record(stat: InputStats):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            positions = batch_positions.get("kept")
+            stat.add(x[positions] if positions is not None and positions.numel() == x.shape[0] else x)
+        return hook
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in targets.items()]
+    handles = [m.register_forward_pre_hook(record(stats[name])) for name, m in targets.items()]
+    was_training = model.training
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
         for batch in batches:
             attention = batch.get("attention_mask")
-            keep[0] = attention.reshape(-1).bool().cpu() if attention is not None else None
+            batch_positions["kept"] = attention.reshape(-1).bool() if attention is not None else None
             model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
-    return grams
+    return {name: s.xtx for name, s in stats.items()}
 
 
 @torch.no_grad()
 def factorize_targets(model, targets: dict, keep: float, method: str, iters: int,
                       fisher: dict | None = None, pruned_weight: float = 0.0,
-                      grams: dict | None = None) -> dict[str, MixedRankLinear]:
+                      grams: dict | None = None, scores: dict | None = None) -> dict[str, MixedRankLinear]:
     """Replace every target by a MixedRankLinear holding its (masked) weight and rank-r factors, with
-    r from the parameter budget `keep`. A target pruned by movement brings its mask and scores."""
+    r from the parameter budget `keep`. A target pruned in stage 1 brings its mask; `scores`: {name: the
+    importance its mask was chosen by}, for the sparsity-aware init."""
     layers = {}
     for name, module in targets.items():
         weight, bias = linear_view(module)  # masked weight when a mask is attached
         if masked.is_masked(module):
             mask = masked.as_out_in(module, masked.get_mask(module))
-            scores = getattr(module.parametrizations.weight[0], "scores", None)
-            scores = masked.as_out_in(module, scores) if scores is not None else None
         else:
-            mask, scores = torch.ones_like(weight, dtype=torch.bool), None
+            mask = torch.ones_like(weight, dtype=torch.bool)
         rank = rank_for_budget(weight.shape[0], weight.shape[1], keep)
-        A, B = factorize(method, weight, rank, mask=mask, scores=scores,
+        A, B = factorize(method, weight, rank, mask=mask, scores=scores.get(name) if scores else None,
                          fisher=fisher[name] if fisher else None, iters=iters, pruned_weight=pruned_weight,
                          gram=grams[name] if grams else None)
         layer = MixedRankLinear(weight, mask, bias, LowRankLinear.from_factors(A, B, None))
@@ -264,8 +264,12 @@ def lpaf_factorize(model, recipe: dict, targets: dict, train) -> dict:
                                         lambda m, b: distill_loss(m, None, b, recipe["method"]["distill"]))
         else:  # the inputs each layer sees in the (pruned) model
             grams = input_grams(model, targets, batches)
+    scores = None
+    if lp["factorization"] == "sparsity-aware":  # what stage 1 ranked the weights by
+        scores = {name: masked.as_out_in(m, importance(m, recipe["method"]["movement"]))
+                  for name, m in targets.items() if masked.is_masked(m)}
     return factorize_targets(model, targets, recipe["method"]["keep"], lp["factorization"], lp["svd_iters"], fisher,
-                             lp["pruned_weight"], grams)
+                             lp["pruned_weight"], grams, scores)
 
 
 def lpaf_finetune(model, recipe: dict, teacher, layers: dict, train, valid, run_dir: Path, resume: str | None = None):

@@ -36,9 +36,21 @@ from ..train.distill import make_teacher
 from ..train.schedules import cubic
 from .base import Method, register
 
+
 def scores_of(module) -> torch.Tensor:
-    """The score the mask was last chosen by (learned: the parameter itself)."""
+    """The score state of a target: the learned parameter, or sensitivity's smoothed |W' g|."""
     return module.parametrizations.weight[0].scores
+
+
+def importance(module, mv: dict) -> torch.Tensor:
+    """What the mask ranks this matrix's entries by (stored orientation, whole: gathered under FSDP); LPAF's
+    sparsity-aware init weights the kept entries by the same number."""
+    parametrization = module.parametrizations.weight[0]
+    if mv["score"] == "magnitude":  # derived, never stored: |W'|, pruned entries 0 (they stay out)
+        return sharded.full(masked.dense_weight(module).detach()).abs().float() * masked.get_mask(module)
+    if mv["score"] == "sensitivity":
+        return sharded.full(sensitivity_score(parametrization.scores, parametrization.uncertainty, mv["uncertainty"]))
+    return sharded.full(parametrization.scores.detach())
 
 
 @register
@@ -70,9 +82,9 @@ class MovementPruning(Method):
                 masked.attach_scored_mask(module, ones, self._initial_scores(weight, zeros))
                 continue
             masked.attach_mask(module, ones, ste=True)  # every entry's gradient, for its score
-            parametrization = module.parametrizations.weight[0]
-            parametrization.register_buffer("scores", zeros)
             if score == "sensitivity":
+                parametrization = module.parametrizations.weight[0]
+                parametrization.register_buffer("scores", zeros)
                 parametrization.register_buffer("uncertainty", zeros.clone())
 
     def _initial_scores(self, weight: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -109,27 +121,15 @@ class MovementPruning(Method):
             if weight.grad is None:
                 continue
             mask = sharded.shard_like(masked.get_mask(module), weight.grad)
-            parametrization = module.parametrizations.weight[0]
-            if sharded.is_sharded(weight) and not sharded.is_sharded(parametrization.scores):
-                # first step under FSDP: keep only this rank's rows of the score state, like its weight
-                for name in ("scores", "uncertainty"):
-                    if hasattr(parametrization, name):
-                        parametrization.register_buffer(name, sharded.shard_like(getattr(parametrization, name), weight).clone())
             if score == "sensitivity":
-                update_sensitivity(parametrization.scores, parametrization.uncertainty, weight * mask, weight.grad,
+                state = module.parametrizations.weight[0]
+                if sharded.is_sharded(weight) and not sharded.is_sharded(state.scores):
+                    # first step under FSDP: keep only this rank's rows of the score state, like its weight
+                    for name in ("scores", "uncertainty"):
+                        state.register_buffer(name, sharded.shard_like(getattr(state, name), weight).clone())
+                update_sensitivity(state.scores, state.uncertainty, weight * mask, weight.grad,
                                    self.mv["beta1"], self.mv["beta2"])
             weight.grad.mul_(mask)  # pruned weights get no gradient of their own
-
-    def _ranking(self, module) -> torch.Tensor:
-        """The score to rank this matrix's entries by, whole (gathered under FSDP)."""
-        parametrization = module.parametrizations.weight[0]
-        score = self.mv["score"]
-        if score == "magnitude":
-            return sharded.full(masked.dense_weight(module).detach()).abs().float() * masked.get_mask(module)
-        if score == "sensitivity":
-            return sharded.full(sensitivity_score(parametrization.scores, parametrization.uncertainty,
-                                                  self.mv["uncertainty"]))
-        return sharded.full(parametrization.scores.detach())
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict:
@@ -138,21 +138,14 @@ class MovementPruning(Method):
         # masks change from the start of pruning to its end, then stay fixed; before the start keep is 1
         if step < self.start or step > self.end or (step % self.mv["mask_interval"] and step != self.end):
             return record
-        ranking = {name: self._ranking(m) for name, m in self.targets.items()}
+        ranking = {name: importance(m, self.mv) for name, m in self.targets.items()}
         if self.mv["threshold"] == "global":
             new = global_masks(ranking, keep)
         else:
             new = {name: layer_mask(r, 1.0 - keep) for name, r in ranking.items()}
-        if self.mv["score"] == "magnitude":  # what the mask was chosen by (LPAF's sparsity-aware SVD reads it)
-            for name, module in self.targets.items():
-                scores = module.parametrizations.weight[0].scores
-                scores.copy_(sharded.shard_like(ranking[name], scores))
-        record["mask_flip_rate"] = masked.refresh_masks(self.targets, lambda m: new[self._name_of[id(m)]])
+        by_module = {self.targets[name]: mask for name, mask in new.items()}
+        record["mask_flip_rate"] = masked.refresh_masks(self.targets, by_module.__getitem__)
         return record
-
-    @property
-    def _name_of(self) -> dict:
-        return {id(m): name for name, m in self.targets.items()}
 
     def export(self, model) -> dict:
         """Weights M * W with exact zeros (the masks of the last step)."""
