@@ -5,7 +5,6 @@ training windows from it. Labeled JSONL (`text`, `label`) for classifiers is at 
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 import warnings
@@ -182,16 +181,13 @@ def read_labeled(spec: str) -> tuple[list[str], list[str]]:
     if not path.is_file() or path.suffix != ".jsonl":
         raise SlimlmError(f"labeled data must be a .jsonl file with 'text' and 'label' fields, got '{spec}'")
     texts, labels = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(str(row["text"]))
-                labels.append(str(row["label"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SlimlmError(f"{spec}, line {lineno}: expected a JSON object with 'text' and 'label' fields") from None
+    for lineno, row, _ in data_sources.jsonl_rows(path):  # the JSONL reader of text data, and its errors
+        where = f"{spec}, line {lineno}"
+        texts.append(data_sources.text_field(row, "text", where))
+        label = row.get("label")
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise SlimlmError(f"{where}: expected a 'label' field holding a string or an integer, got {label!r}")
+        labels.append(str(label))
     if not texts:
         raise SlimlmError(f"labeled data '{spec}' is empty")
     return texts, labels

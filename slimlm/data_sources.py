@@ -186,7 +186,9 @@ def _text_of(value, where: str, field: str) -> str:
                       "with data.text_field")
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[Piece]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict, int]]:
+    """(line number, JSON object, bytes read so far) of every non-blank line; one-line errors for bytes
+    that are not UTF-8, lines that are not JSON and JSON that is not an object."""
     done = 0
     with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -199,11 +201,21 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[Piece]:
             except json.JSONDecodeError:
                 raise SlimlmError(f"{path}, line {lineno}: not valid JSON: each line must be one JSON object") from None
             if not isinstance(row, dict):
-                raise SlimlmError(f"{path}, line {lineno}: expected a JSON object with a '{field}' field")
-            if field not in row:
-                raise SlimlmError(f"{path}, line {lineno}: no '{field}' field (it has {', '.join(row) or 'none'}): "
-                                  "name the text field with data.text_field")
-            yield Piece(_text_of(row[field], f"{path}, line {lineno}", field), True, done)
+                raise SlimlmError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row, done
+
+
+def text_field(row: dict, field: str, where: str) -> str:
+    """The text under `field`, or a one-line error naming the record and what it holds instead."""
+    if field not in row:
+        raise SlimlmError(f"{where}: no '{field}' field (it has {', '.join(row) or 'none'}): "
+                          "name the text field with data.text_field")
+    return _text_of(row[field], where, field)
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[Piece]:
+    for lineno, row, done in jsonl_rows(path):
+        yield Piece(text_field(row, field, f"{path}, line {lineno}"), True, done)
 
 
 def _parquet_documents(path: Path, field: str) -> Iterator[Piece]:

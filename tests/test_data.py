@@ -292,3 +292,26 @@ def test_an_unwritable_cache_folder_falls_back_to_memory(tokenizer, tmp_path):
     with pytest.warns(UserWarning, match="is not writable: tokenizing .* in memory"):
         stream = data.load_tokens(tokenizer, path, cache_dir=str(tmp_path / "file" / "cache"))
     assert stream.ids.tolist() == tokenizer("Some text for the cache.").input_ids
+
+
+@pytest.mark.parametrize("line, says", [('{"text": null, "label": "a"}', "field 'text' is null"),
+                                        ('{"text": 5, "label": "a"}', "field 'text' is a number"),
+                                        ('{"text": "x", "label": null}', "'label' field holding a string"),
+                                        ('{"text": "x"}', "'label' field holding a string"),
+                                        ('[1, 2]', "expected a JSON object")])
+def test_labeled_data_refuses_records_that_are_not_text_and_label(tmp_path, line, says):
+    """Labeled JSONL goes through the text reader's checks: a null text used to train as the string 'None'."""
+    from slimlm.data import read_labeled
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine", "label": "a"}\n' + line + "\n")
+    with pytest.raises(SlimlmError, match=says) as err:
+        read_labeled(str(path))
+    assert "line 2" in str(err.value)
+
+
+def test_labeled_data_not_utf8_is_named(tmp_path):
+    from slimlm.data import read_labeled
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes('{"text": "caf\xe9", "label": "a"}\n'.encode("latin-1"))
+    with pytest.raises(SlimlmError, match="line 1: not UTF-8"):
+        read_labeled(str(path))
