@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from .errors import SlimlmError
+from .errors import SlimlmError, first_line
 
 BUILTIN_TEXTS = ("python-docs:train", "python-docs:test")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".md")
@@ -226,7 +226,7 @@ def _parquet_documents(path: Path, field: str) -> Iterator[Piece]:
     try:
         table = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a file that is not parquet
-        raise SlimlmError(f"cannot read {path} as parquet: {str(err).splitlines()[0]}") from None
+        raise SlimlmError(f"cannot read {path} as parquet: {first_line(err)}") from None
     names = table.schema_arrow.names
     if field not in names:
         raise SlimlmError(f"{path} has no '{field}' column (it has {', '.join(names)}): name the text column "
@@ -248,7 +248,7 @@ def _dataset_documents(source: Source) -> Iterator[Piece]:
     try:  # streaming=True reads rows as they arrive, without downloading the whole dataset first
         ds = datasets.load_dataset(name, config, split=split, **({"streaming": True} if source.streaming else {}))
     except Exception as err:  # the hub raises many types; report one line
-        raise SlimlmError(f"could not load dataset '{source.spec}' (split {split}): {str(err).splitlines()[0]}") from None
+        raise SlimlmError(f"could not load dataset '{source.spec}' (split {split}): {first_line(err)}") from None
     columns = ds.column_names
     if columns is not None and source.text_field not in columns:
         raise SlimlmError(f"dataset '{source.spec}' has no '{source.text_field}' column (it has {', '.join(columns)})")

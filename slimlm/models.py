@@ -165,8 +165,7 @@ def inspect_config(spec: str):
                   else None) or \
             transformers.AutoConfig.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SlimlmError(f"could not load model '{spec}': {first_line}") from None
+        raise SlimlmError(f"could not load model '{spec}': {first_line(err)}") from None
     _refuse_unsupported(spec, config)
     return config, _model_class(config)[1]
 
@@ -270,8 +269,7 @@ def load_tokenizer(spec: str):
         return transformers.AutoTokenizer.from_pretrained(location, config=config,
                                                           **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SlimlmError(f"could not load the tokenizer of '{spec}': {first_line}") from None
+        raise SlimlmError(f"could not load the tokenizer of '{spec}': {first_line(err)}") from None
 
 
 def _rebuild_lowrank(model: nn.Module, folder: Path, ranks: dict) -> nn.Module:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import SlimlmError
+from ..errors import SlimlmError, first_line
 from ..ops.factorized import LowRankLinear, linear_view, replace_module
 from ..ops.sparsity import is_valid_nm
 
@@ -97,9 +97,8 @@ def to_semi_structured(weight: torch.Tensor, name: str = "layer") -> torch.Tenso
     try:
         return to_sparse_semi_structured(weight.detach().contiguous())
     except (RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SlimlmError(f"{name}: PyTorch refused the semi-structured 2:4 conversion of its "
-                          f"{tuple(weight.shape)} weight on this GPU: {first}") from None
+                          f"{tuple(weight.shape)} weight on this GPU: {first_line(err)}") from None
 
 
 def semi_structured_backend() -> str:
